@@ -1,0 +1,410 @@
+"""One typed configuration for every stage, loaded from YAML and validated at load time.
+
+A config file has the sections below; every key is optional and falls back to the default here.
+`load_config(path)` raises `ConfigError` naming the field path (e.g. `prune.ratio`) and what is
+allowed, so every CLI can print one line and exit 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from qpruner.errors import ConfigError
+
+ALLOWED_BITS = (4, 8, 16)  # bitsandbytes NF4, LLM.int8; 16 = keep the layer in the compute dtype
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to compress: a hub id, a local folder, or `builtin:tiny`."""
+
+    name: str = "builtin:tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # never on unless the user asks for it
+
+    def validate(self, path: str) -> None:
+        if self.name.startswith(BUILTIN_PREFIX) and self.name != "builtin:tiny":
+            raise ConfigError(f"{path}.name", f"unknown built-in model {self.name!r}; the built-in model is 'builtin:tiny'")
+        local = Path(self.name).expanduser()
+        looks_local = self.name.startswith((".", "/", "~")) or local.exists()
+        if looks_local and not self.name.startswith(BUILTIN_PREFIX):
+            if not local.is_dir():
+                raise ConfigError(f"{path}.name", f"model folder {self.name!r} does not exist; give a hub id, a folder or 'builtin:tiny'")
+            if not (local / "config.json").is_file():
+                raise ConfigError(f"{path}.name", f"model folder {self.name!r} has no config.json; point at a Hugging Face model folder")
+
+
+@dataclass
+class CalibrationConfig:
+    """Text used to measure importance: `builtin` (the tiny corpus), a hub dataset id, or a local text/json file."""
+
+    source: str = "builtin"
+    text_field: str = "text"
+    n_samples: int = 16
+    seq_len: int = 64
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _positive(self.n_samples, f"{path}.n_samples")
+        _positive(self.seq_len, f"{path}.seq_len")
+        _check_local_file(self.source, f"{path}.source")
+
+
+@dataclass
+class PruneConfig:
+    """Structured pruning (LLM-Pruner style Taylor importance by default)."""
+
+    method: Literal["taylor", "random", "slimgpt"] = "taylor"
+    ratio: float = 0.2  # fraction of the WHOLE model's parameters removed
+    # Prunable decoder layers [first, last); null = LLM-Pruner's default scaled to depth.
+    first_layer: Optional[int] = None
+    last_layer: Optional[int] = None
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    taylor_order: Literal["first", "second"] = "first"  # second adds the Fisher-diagonal term
+    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"{path}.ratio", f"must be in [0, 1), got {self.ratio}")
+        for name in ("first_layer", "last_layer"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{path}.{name}", f"must be >= 0 or null, got {value}")
+        if self.first_layer is not None and self.last_layer is not None and self.first_layer >= self.last_layer:
+            raise ConfigError(f"{path}.first_layer", "must be smaller than prune.last_layer")
+        if not (self.prune_attention or self.prune_mlp) and self.ratio > 0:
+            raise ConfigError(f"{path}.prune_mlp", "at least one of prune_attention / prune_mlp must be true when ratio > 0")
+
+
+@dataclass
+class QuantConfig:
+    """Per-layer precision: the bit-widths the search may choose and how bitsandbytes stores them."""
+
+    bits: list[int] = field(default_factory=lambda: [4, 8])
+    double_quant: bool = True
+    blocksize: int = 64
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+
+    def validate(self, path: str) -> None:
+        if not self.bits:
+            raise ConfigError(f"{path}.bits", f"must list at least one bit-width from {list(ALLOWED_BITS)}")
+        bad = [b for b in self.bits if b not in ALLOWED_BITS]
+        if bad:
+            raise ConfigError(f"{path}.bits", f"{bad} not allowed; choose from {list(ALLOWED_BITS)} (16 = unquantized)")
+        if len(set(self.bits)) != len(self.bits):
+            raise ConfigError(f"{path}.bits", "lists a bit-width twice")
+        self.bits = sorted(self.bits)
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"{path}.blocksize", f"must be a power of two in 32..4096, got {self.blocksize}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters initialised with LoftQ at each layer's bit-width."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    loftq_iters: int = 1  # 0 = plain LoRA init (B = 0)
+
+    def validate(self, path: str) -> None:
+        _positive(self.rank, f"{path}.rank")
+        _positive(self.alpha, f"{path}.alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.loftq_iters < 0:
+            raise ConfigError(f"{path}.loftq_iters", f"must be >= 0, got {self.loftq_iters}")
+        if not self.target_modules:
+            raise ConfigError(f"{path}.target_modules", "must name at least one module, e.g. q_proj")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA recovery training on Alpaca-format data (instruction / input / output)."""
+
+    data: str = "builtin"  # builtin, a hub dataset id (e.g. yahma/alpaca-cleaned) or a local json/jsonl
+    lr: float = 3e-4
+    batch_size: int = 8
+    micro_batch_size: int = 4
+    max_length: int = 256
+    steps: int = 40  # optimizer steps; the search's ASHA max_t counts reports, see search.asha
+    max_examples: Optional[int] = None  # cap on the training set (null = all)
+    warmup_steps: int = 0
+    report_every: int = 10
+    val_limit: int = 32  # examples per task in the quick validation used for early stopping
+    optimizer: Literal["auto", "adamw", "paged_adamw_32bit"] = "auto"  # auto: paged on CUDA, AdamW on CPU
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"{path}.lr", f"must be > 0, got {self.lr}")
+        for name in ("batch_size", "micro_batch_size", "max_length", "steps", "report_every", "val_limit"):
+            _positive(getattr(self, name), f"{path}.{name}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"{path}.batch_size", f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.max_examples is not None:
+            _positive(self.max_examples, f"{path}.max_examples")
+        _check_local_file(self.data, f"{path}.data")
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation with lm-evaluation-harness."""
+
+    tasks: list[str] = field(default_factory=lambda: ["builtin"])  # `builtin` = the tiny model's local tasks
+    include_path: Optional[str] = None  # folder of extra lm-eval YAML tasks
+    limit: Optional[int] = None  # examples per task (null = all)
+    batch_size: int = 16
+
+    def validate(self, path: str) -> None:
+        if not self.tasks:
+            raise ConfigError(f"{path}.tasks", "must name at least one lm-eval task, e.g. boolq")
+        if self.limit is not None:
+            _positive(self.limit, f"{path}.limit")
+        _positive(self.batch_size, f"{path}.batch_size")
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
+            raise ConfigError(f"{path}.include_path", f"folder {self.include_path!r} does not exist")
+
+
+@dataclass
+class AshaConfig:
+    """ASHA early stopping on the trial's quick validation accuracy (time unit: reports)."""
+
+    enabled: bool = True
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: Optional[int] = None  # null = number of reports a full trial makes
+
+    def validate(self, path: str) -> None:
+        _positive(self.grace_period, f"{path}.grace_period")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{path}.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        if self.max_t is not None:
+            _positive(self.max_t, f"{path}.max_t")
+
+
+@dataclass
+class SearchConfig:
+    """Multi-objective Bayesian search over per-layer bit-widths (accuracy up, memory down)."""
+
+    num_samples: int = 8
+    concurrency: int = 2
+    sampler: Literal["gp", "tpe", "nsga2", "random"] = "tpe"
+    init: Literal["importance", "random"] = "importance"
+    n_init: int = 4  # importance-drawn first configurations (plus the uniform anchors)
+    anchors: bool = True  # also try uniform-lowest and uniform-highest bits first
+    importance: Literal["mi", "quant_loss", "taylor"] = "mi"
+    temperature: float = 1.0  # importance -> probability of high precision; lower = sharper
+    ranks: Optional[list[int]] = None  # RankAdaptor: also search each layer's LoRA rank
+    max_failures: int = 0  # Tune retries of a failed trial
+    seed: int = 0
+    asha: AshaConfig = field(default_factory=AshaConfig)
+
+    def validate(self, path: str) -> None:
+        _positive(self.num_samples, f"{path}.num_samples")
+        _positive(self.concurrency, f"{path}.concurrency")
+        if self.n_init < 0:
+            raise ConfigError(f"{path}.n_init", f"must be >= 0, got {self.n_init}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{path}.temperature", f"must be > 0, got {self.temperature}")
+        if self.max_failures < 0:
+            raise ConfigError(f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        if self.ranks is not None:
+            if not self.ranks or any(r <= 0 for r in self.ranks):
+                raise ConfigError(f"{path}.ranks", "must be null or a list of positive LoRA ranks, e.g. [4, 8, 16]")
+
+
+@dataclass
+class ResourcesConfig:
+    """What one trial gets: CPUs and a (fractional) GPU; `gpu: auto` uses a GPU only where one exists."""
+
+    cpu: float = 1
+    gpu: Union[float, Literal["auto"]] = 0
+    threads: Optional[int] = None  # torch threads per trial (null = cpu)
+
+    def validate(self, path: str) -> None:
+        if not self.cpu > 0:
+            raise ConfigError(f"{path}.cpu", f"must be > 0, got {self.cpu}")
+        if self.gpu != "auto" and not 0 <= self.gpu <= 1:
+            raise ConfigError(f"{path}.gpu", f"must be a fraction in (0, 1], 0 for CPU, or 'auto'; got {self.gpu}")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and what is kept."""
+
+    dir: str = "runs/tiny"
+    # Pruned models, the LoftQ cache and the built-in model; null = $QPRUNER_CACHE or ~/.cache/qpruner.
+    cache_dir: Optional[str] = None
+    keep_adapters: Literal["pareto", "all", "none"] = "pareto"
+
+    @property
+    def cache(self) -> Path:
+        return default_cache_dir() if self.cache_dir is None else Path(self.cache_dir).expanduser()
+
+
+@dataclass
+class Config:
+    """The whole recipe: every stage reads its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_cache_dir() -> Path:
+    """The shared cache folder: $QPRUNER_CACHE if set, else ~/.cache/qpruner."""
+    return Path(os.environ.get("QPRUNER_CACHE", "~/.cache/qpruner")).expanduser()
+
+
+def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Read a YAML recipe, apply dotted `overrides` ({"prune.ratio": 0.3}), validate, return a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file {str(path)!r} not found; pass a YAML file such as tune_configs/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("--config", f"{path} does not parse{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections (model, prune, ...)")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from plain data (YAML, JSON, a Tune checkpoint)."""
+    cfg = _build(Config, raw, "")
+    _validate_all(cfg, "")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dataclass building: unknown keys, types, nested sections.
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path or "config", f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {_join(path, close[0])!r}?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(where, f"unknown key; {hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(exc.reason)
+        raise ConfigError(path, " or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {path}")  # a bug in this module, not user input
+
+
+def _validate_all(obj: Any, path: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_all(value, _join(path, f.name))
+    if hasattr(obj, "validate"):
+        obj.validate(path or "config")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, "cannot override inside a non-mapping value")
+    node[parts[-1]] = value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _positive(value: float, path: str) -> None:
+    if not value > 0:
+        raise ConfigError(path, f"must be > 0, got {value}")
+
+
+def _check_local_file(source: str, path: str) -> None:
+    """A value that looks like a file path must exist; hub ids and `builtin` are checked when loaded."""
+    if source == "builtin":
+        return
+    p = Path(source).expanduser()
+    looks_like_file = source.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl", ".txt")
+    if looks_like_file and not p.exists():
+        raise ConfigError(path, f"file {source!r} does not exist; give a local .json/.jsonl/.txt file, a hub dataset id or 'builtin'")

@@ -1,0 +1,16 @@
+"""User-facing errors: each one becomes a single line and exit code 2 at the CLI."""
+
+from __future__ import annotations
+
+
+class QPrunerError(Exception):
+    """A problem with the user's input or environment that the user can fix."""
+
+
+class ConfigError(QPrunerError):
+    """A config field is wrong: names the field path and what is allowed."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
