@@ -1,0 +1,156 @@
+"""One trial of the search: quantize the pruned model per layer, LoftQ-initialise LoRA, fine-tune, evaluate.
+
+Plain functions that run with or without Ray: the Tune trainable in `qpruner.tune` calls `run_trial`
+with `tune.report` as the report callback. `python -m qpruner.trial --config X --bits 4,8,...` runs one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from qpruner.config import Config
+
+Report = Callable[[dict], None]
+
+
+def pick_device(cfg: Config) -> str:
+    """CUDA when the trial was given a GPU (or gpu: auto) and one is visible, else CPU."""
+    wants_gpu = cfg.resources.gpu == "auto" or cfg.resources.gpu > 0
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def run_trial(
+    cfg: Config,
+    pruned_path: str | Path,
+    bits: Sequence[int],
+    ranks: Optional[Sequence[int]] = None,
+    report: Optional[Report] = None,
+    adapter_dir: Optional[str | Path] = None,
+    progress: bool = False,
+) -> dict:
+    """Run one configuration end to end and return every metric and timing as a flat dict.
+
+    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc,
+    and the objectives (`accuracy` = quick validation accuracy until the final evaluation, `memory_gb`),
+    so that ASHA can stop the trial and the searcher still learns from it.
+    """
+    from peft import get_peft_model
+
+    from qpruner.evaluate import evaluate_model, make_validator
+    from qpruner.finetune import finetune
+    from qpruner.loftq import apply_loftq_adapters, loftq_for_model
+    from qpruner.memory import memory_report
+    from qpruner.prune import load_pruned
+    from qpruner.quantize import lora_config_for, quantize_model, validate_bits
+
+    if cfg.resources.threads or cfg.resources.cpu >= 1:
+        torch.set_num_threads(int(cfg.resources.threads or cfg.resources.cpu))
+    device = pick_device(cfg)
+    timings: dict[str, float] = {}
+    started = time.time()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    model, tokenizer = load_pruned(pruned_path, dtype=cfg.quant.compute_dtype)
+    n_layers = model.config.num_hidden_layers
+    bits = validate_bits(bits, n_layers, cfg.quant.bits)
+    ranks = list(ranks) if ranks is not None else None
+    model_key = Path(pruned_path).name
+
+    t = time.perf_counter()
+    inits, loftq_stats = loftq_for_model(model, bits, cfg, cfg.output.cache, model_key, ranks=ranks, device=device)
+    timings["loftq_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    quantize_model(model, bits, cfg.quant, residual_weights=inits, device=device)
+    timings["quantize_s"] = time.perf_counter() - t
+
+    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model, ranks))
+    apply_loftq_adapters(peft_model, inits, cfg.lora, ranks=ranks)
+    memory = memory_report(peft_model, bits, cfg, device=device)
+
+    def report_progress(metrics: dict) -> None:
+        if report is not None:
+            report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb, "final": False})
+
+    t = time.perf_counter()
+    validator = make_validator(peft_model, tokenizer, cfg)
+    ft = finetune(peft_model, tokenizer, cfg, report=report_progress, validate=validator, progress=progress)
+    timings["finetune_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    timings["eval_s"] = time.perf_counter() - t
+
+    memory = memory_report(peft_model, bits, cfg, device=device)  # measured peak now includes training
+    if adapter_dir is not None:
+        save_adapter(peft_model, bits, ranks, adapter_dir)
+
+    return {
+        "bits": list(bits),
+        "ranks": ranks,
+        "accuracy": ev["mean_acc"],
+        "task_acc": {name: r["acc"] for name, r in ev["tasks"].items()},
+        "task_acc_norm": {name: r.get("acc_norm") for name, r in ev["tasks"].items()},
+        "val_acc": ft.last_val_acc,
+        "train_loss": ft.losses[-1] if ft.losses else None,
+        "steps": ft.steps,
+        "max_steps": cfg.finetune.steps,
+        "memory_gb": memory.objective_gb,
+        "memory_bytes": memory.objective_bytes,
+        "memory_source": memory.source,
+        "weight_bytes": memory.weight_bytes,
+        "lora_bytes": memory.lora_bytes,
+        "peak_estimate_bytes": memory.peak_estimate_bytes,
+        "peak_measured_bytes": memory.peak_measured_bytes,
+        "loftq_svds": loftq_stats.svds,
+        "loftq_cache_hits": loftq_stats.hits,
+        "device": device,
+        "wall_seconds": time.time() - started,
+        **timings,
+        "final": True,
+    }
+
+
+def save_adapter(peft_model, bits: Sequence[int], ranks: Optional[Sequence[int]], out: str | Path) -> Path:
+    """Keep the trained LoRA adapter (safetensors) and the per-layer bits beside it, for export."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    (out / "qpruner_bits.json").write_text(json.dumps({"bits": list(bits), "ranks": ranks}))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from qpruner.cli import base_parser, set_offline_defaults
+    from qpruner.config import load_config
+    from qpruner.prune import prune_cached
+    from qpruner.quantize import parse_bits
+
+    set_offline_defaults()
+    parser = base_parser("python -m qpruner.trial", "Run one trial: quantize per layer, LoftQ, fine-tune, evaluate.")
+    parser.add_argument("--bits", required=True, help="one bit-width per decoder layer, e.g. 4,8,8,4, or uniform:4")
+    parser.add_argument("--ranks", default=None, help="optional LoRA rank per layer, e.g. 8,8,16,4")
+    parser.add_argument("--adapter-out", default=None, help="folder to save the trained adapter in")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    pruned = prune_cached(cfg)
+    from qpruner.prune import pruned_layer_count
+
+    n_layers = pruned_layer_count(pruned.path)
+    bits = parse_bits(args.bits, n_layers, cfg.quant.bits)
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+    result = run_trial(cfg, pruned.path, bits, ranks=ranks, adapter_dir=args.adapter_out, progress=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from qpruner.cli import run_cli
+
+    run_cli(main)

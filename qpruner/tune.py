@@ -1,0 +1,331 @@
+"""`python -m qpruner.tune`: prune once, then search per-layer bit-widths with Ray Tune + Optuna + ASHA.
+
+Flow: ray.init -> prune (cached Ray task) -> layer importance -> first configurations -> Tuner over
+fractional-GPU trials -> results.parquet / pareto.parquet / pareto.png / report.md in the output folder.
+Results are rewritten after every finished trial, so a killed driver loses nothing; rerunning the same
+command (or `--resume`) continues the run with `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from ray.tune import Callback
+
+from qpruner.config import Config, config_from_dict, load_config
+from qpruner.errors import QPrunerError
+
+EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable: one Tune trial = one call of qpruner.trial.run_trial.
+
+
+def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: int) -> None:
+    """Ray Tune function trainable: decode the bits from `config`, run the trial, report as it goes."""
+    from ray import tune
+
+    from qpruner.search import bits_from_config, ranks_from_config
+    from qpruner.trial import run_trial
+
+    cfg = config_from_dict(cfg_dict)
+    bits = bits_from_config(config, n_layers)
+    ranks = ranks_from_config(config, n_layers)
+    adapter_dir = Path(tune.get_context().get_trial_dir()) / "adapter"
+    keep = cfg.output.keep_adapters != "none"
+    result = run_trial(cfg, pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir if keep else None)
+    tune.report(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: one plain dict per Tune trial, the input of qpruner.pareto.
+
+
+def record_from_trial(trial) -> dict:
+    """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects."""
+    from qpruner.search import bits_from_config, ranks_from_config
+
+    last = dict(trial.last_result or {})
+    n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
+    final = bool(last.get("final"))
+    error = None
+    if trial.status == "ERROR":
+        error = _error_text(trial)
+        status = "failed"
+    elif final:
+        status = "completed"
+    elif trial.status == "TERMINATED":
+        status = "stopped_early"
+    else:
+        status = trial.status.lower()  # pending / running: only seen in mid-run snapshots
+    return {
+        "trial_id": trial.trial_id,
+        "status": status,
+        "bits": bits_from_config(trial.config, n_layers),
+        "ranks": ranks_from_config(trial.config, n_layers),
+        "accuracy": last.get("accuracy") if final else None,
+        "task_acc": last.get("task_acc") or {},
+        "task_acc_norm": last.get("task_acc_norm") or {},
+        "val_acc": last.get("val_acc"),
+        "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
+        "memory_source": last.get("memory_source"),
+        "weight_bytes": last.get("weight_bytes"),
+        "lora_bytes": last.get("lora_bytes"),
+        "peak_estimate_bytes": last.get("peak_estimate_bytes"),
+        "peak_measured_bytes": last.get("peak_measured_bytes"),
+        "train_loss": last.get("train_loss"),
+        "iterations": int(last.get("training_iteration") or 0),
+        "steps": int(last.get("steps") or last.get("step") or 0),
+        "max_steps": int(last.get("max_steps") or 0),
+        "wall_seconds": float(last.get("time_total_s") or 0.0),
+        "timings": {k: last[k] for k in ("quantize_s", "loftq_s", "finetune_s", "eval_s") if k in last},
+        "error": error,
+        "started_at": float(getattr(trial.run_metadata, "start_time", None) or 0.0),
+        "config": dict(trial.config),
+    }
+
+
+def _gb_to_bytes(gb: Optional[float]) -> Optional[int]:
+    return None if gb is None else int(round(gb * 1024**3))
+
+
+def _error_text(trial) -> str:
+    """The last line of the trial's error (the exception message), for results.parquet."""
+    path = trial.error_file
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1][:2000] if lines else "unknown error"
+    return "unknown error"
+
+
+class ResultsWriter(Callback):
+    """Tune callback: rewrite results.parquet (atomically) whenever a trial ends, and print progress.
+
+    It lives in the Tuner's pickled run config, so a restored run keeps writing the same files.
+    """
+
+    def __init__(self, out_dir: Path, num_samples: int):
+        self.out_dir = Path(out_dir)
+        self.num_samples = num_samples
+
+    def write(self, trials, plot: bool = False) -> list[dict]:
+        from qpruner.pareto import write_results
+
+        records = [record_from_trial(t) for t in trials if t.status in ("TERMINATED", "ERROR")]
+        if records:
+            write_results(records, self.out_dir, plot=plot)
+        return records
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._progress(self.write(trials), trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._progress(self.write(trials), trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.write(trials, plot=True)
+
+    def _progress(self, records: list[dict], trials) -> None:
+        count = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped_early", "failed")}
+        running = sum(t.status == "RUNNING" for t in trials)
+        print(
+            f"[qpruner] trials finished {len(records)}/{self.num_samples}: completed {count['completed']}, "
+            f"stopped early {count['stopped_early']}, failed {count['failed']}; running {running}",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver steps.
+
+
+def run_key(cfg: Config) -> str:
+    """What identifies a run: everything in the recipe except where its files go."""
+    data = cfg.to_dict()
+    data.pop("output", None)
+    data["search"].pop("num_samples", None)  # asking for more samples continues the same run
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
+    """Create or check the output folder; return True when an earlier run there should be continued."""
+    marker = out / "run.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text()).get("run_key")
+        if overwrite:
+            shutil.rmtree(out)
+        elif previous != run_key(cfg) and not resume:
+            raise QPrunerError(
+                f"--out {out} holds a different run's results; pass --overwrite to replace them, "
+                f"--resume to continue that run, or another --out"
+            )
+        else:
+            return (out / EXPERIMENT).is_dir()
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise QPrunerError(f"--out {out} is not empty and holds no qpruner run; pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"run_key": run_key(cfg), "created": time.time()}))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return False
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """The per-trial Ray resources; `gpu: auto` means a GPU fraction of 1/concurrency where GPUs exist."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = cfg.resources.gpu
+    if gpu == "auto":
+        gpu = min(1.0, gpus / cfg.search.concurrency) if gpus else 0.0
+    elif gpu > 0 and gpus == 0:
+        raise QPrunerError(
+            f"resources.gpu: {gpu} GPU per trial asked, but the Ray cluster has no GPU; "
+            "set resources.gpu: 0 (CPU) or 'auto', or start GPU workers (cluster.yaml)"
+        )
+    if cfg.resources.cpu > ray.cluster_resources().get("CPU", 0):
+        raise QPrunerError(
+            f"resources.cpu: {cfg.resources.cpu} CPUs per trial asked, but the cluster has "
+            f"{ray.cluster_resources().get('CPU', 0):g}; lower resources.cpu"
+        )
+    return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
+
+
+def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict) -> tuple[list[list[int]], list[float] | None]:
+    """The importance-aware first bit vectors (QPruner's probabilistic decision), or random ones."""
+    import ray
+
+    from qpruner.search import importance_task, initial_configs, random_configs
+
+    if cfg.search.init == "random":
+        return random_configs(n_layers, cfg.quant.bits, cfg.search.n_init, cfg.search.seed), None
+    task = ray.remote(importance_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    importance = ray.get(task.remote(cfg.to_dict(), pruned_path))
+    configs = initial_configs(
+        importance, cfg.quant.bits, cfg.search.n_init, cfg.search.temperature, cfg.search.seed, anchors=cfg.search.anchors
+    )
+    return configs, importance
+
+
+def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict, points: list, restore: bool):
+    """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
+    from ray import tune
+
+    from qpruner.search import config_from_bits, make_searcher, param_space
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_trainable, cfg_dict=cfg.to_dict(), pruned_path=pruned_path, n_layers=n_layers),
+        resources,
+    )
+    if restore:
+        return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, restart_errored=False)
+    scheduler = None
+    if cfg.search.asha.enabled:
+        reports = cfg.finetune.steps // cfg.finetune.report_every + 1
+        scheduler = tune.schedulers.ASHAScheduler(
+            metric="val_acc",
+            mode="max",
+            time_attr="training_iteration",
+            max_t=cfg.search.asha.max_t or reports,
+            grace_period=cfg.search.asha.grace_period,
+            reduction_factor=cfg.search.asha.reduction_factor,
+        )
+    initial = [config_from_bits(bits) for bits in points]
+    searcher = make_searcher(cfg, n_layers, initial)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(n_layers, cfg.quant.bits, cfg.search.ranks),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(out),
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            callbacks=[ResultsWriter(out, cfg.search.num_samples)],
+            verbose=1,
+        ),
+    )
+
+
+def finish(out: Path, cfg: Config, grid) -> None:
+    """Pareto table, report, and (by default) drop the adapters of trials off the front."""
+    import pyarrow.parquet as pq
+
+    from qpruner.pareto import print_front
+    from qpruner.report import write_report
+
+    front = pq.read_table(out / "pareto.parquet")
+    if cfg.output.keep_adapters == "pareto":
+        keep = set(front.column("trial_id").to_pylist())
+        for result in grid:
+            adapter = Path(result.path) / "adapter"
+            if result.metrics.get("trial_id") not in keep and adapter.is_dir():
+                shutil.rmtree(adapter, ignore_errors=True)
+    write_report(out)
+    print_front(front)
+    print(f"[qpruner] results: {out / 'results.parquet'}  front: {out / 'pareto.parquet'}  plot: {out / 'pareto.png'}")
+
+
+def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
+        dashboard: bool = True) -> Path:
+    """The whole search; returns the output folder."""
+    import ray
+
+    from qpruner.prune import prune_with_ray, pruned_layer_count
+
+    out = out.resolve()
+    restore = prepare_out_dir(out, cfg, resume, overwrite)
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=True,
+        )
+    resources = trial_resources(cfg)
+    started = time.time()
+    pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
+    print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)
+    n_layers = pruned_layer_count(pruned.path)
+    points: list = []
+    if not restore:
+        points, importance = first_configs(cfg, str(pruned.path), n_layers, resources)
+        (out / "importance.json").write_text(json.dumps({"importance": importance, "initial": points}))
+    tuner = build_tuner(cfg, out, str(pruned.path), n_layers, resources, points, restore)
+    grid = tuner.fit()
+    finish(out, cfg, grid)
+    print(f"[qpruner] search took {time.time() - started:.1f}s", flush=True)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from qpruner.cli import base_parser, set_offline_defaults
+
+    set_offline_defaults()
+    parser = base_parser("python -m qpruner.tune", "Search per-layer bit-widths for a pruned model (QPruner).")
+    parser.add_argument("--out", default=None, help="output folder (default: output.dir from the config)")
+    parser.add_argument("--num-samples", type=int, default=None, help="number of trials (overrides search.num_samples)")
+    parser.add_argument("--address", default=None, help="Ray cluster address; 'auto' joins a cluster started with ray up")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.num_samples is not None:
+        overrides["search.num_samples"] = args.num_samples
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out or cfg.output.dir)
+    run(cfg, out, address=args.address, resume=args.resume, overwrite=args.overwrite, dashboard=not args.no_dashboard)
+    return 0
+
+
+if __name__ == "__main__":
+    from qpruner.cli import run_cli
+
+    run_cli(main)
