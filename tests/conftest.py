@@ -1,0 +1,28 @@
+"""Shared fixtures: everything offline, on the built-in tiny model (built once per cache)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets():
+    """The built-in tiny model and its data (trained on first use, ~2 min on 2 cores)."""
+    from qpruner.builtin import ensure_tiny
+
+    return ensure_tiny(progress=False)
+
+
+@pytest.fixture()
+def tiny_config():
+    """The default Config: builtin:tiny with default settings."""
+    from qpruner.config import config_from_dict
+
+    return config_from_dict({})

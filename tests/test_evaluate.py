@@ -1,0 +1,99 @@
+"""lm-eval evaluation of the in-memory tiny model: real lm-eval, real peft, the built-in tasks."""
+
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from qpruner.errors import QPrunerError
+from qpruner.evaluate import evaluate_model, load_tasks, make_validator, resolve_tasks
+from qpruner.model import load_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    return load_model("builtin:tiny")
+
+
+def chance_level(task_name: str, include_path: str) -> float:
+    """Expected accuracy of uniform guessing: mean of 1/len(choices) over the task's evaluation docs."""
+    task = load_tasks((task_name,), (include_path,))["tasks"][task_name]
+    docs = list(task.eval_docs)
+    return sum(1 / len(task.doc_to_choice(d)) for d in docs) / len(docs)
+
+
+def test_resolve_builtin_expands_to_test_tasks(tiny_assets, tiny_config):
+    names, paths = resolve_tasks(tiny_config.eval)
+    assert names == list(tiny_assets.test_tasks)
+    assert paths == [str(tiny_assets.tasks_dir)]
+
+
+def test_unpruned_tiny_model_is_above_chance_on_every_builtin_task(tiny, tiny_assets, tiny_config):
+    model, tokenizer = tiny
+    result = evaluate_model(model, tokenizer, tiny_config.eval)
+    assert set(result["tasks"]) == set(tiny_assets.test_tasks)
+    for name, scores in result["tasks"].items():
+        chance = chance_level(name, str(tiny_assets.tasks_dir))
+        assert 0.0 <= scores["acc"] <= 1.0 and scores["acc_norm"] is not None
+        assert scores["acc"] > chance + 0.15, f"{name}: acc {scores['acc']:.3f} vs chance {chance:.3f}"
+    accs = [s["acc"] for s in result["tasks"].values()]
+    assert result["mean_acc"] == pytest.approx(sum(accs) / len(accs))
+    print(f"\nbuiltin test tasks: { {k: round(v['acc'], 3) for k, v in result['tasks'].items()} } in {result['seconds']:.2f}s")
+
+
+def test_peft_model_in_memory_scores_like_its_base(tiny_assets, tiny_config):
+    """HFLM takes the PeftModel object itself; LoRA starts at B = 0, so scores equal the base model's."""
+    model, tokenizer = load_model("builtin:tiny")
+    base = evaluate_model(model, tokenizer, tiny_config.eval, limit=40)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    wrapped = evaluate_model(peft_model, tokenizer, tiny_config.eval, limit=40)
+    assert wrapped["tasks"] == base["tasks"]
+
+
+def test_validator_reuses_tasks_restores_train_mode_and_is_fast(tiny_assets, tiny_config):
+    model, tokenizer = load_model("builtin:tiny")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5))
+    tiny_config.finetune.val_limit = 16
+    validate = make_validator(peft_model, tokenizer, tiny_config)
+    peft_model.train()
+    first = validate()
+    assert peft_model.training, "validation must hand the model back in training mode"
+    t = time.perf_counter()
+    second = validate()
+    seconds = time.perf_counter() - t
+    assert 0.0 <= first <= 1.0
+    assert second == first  # eval mode: dropout off, same docs, deterministic
+    # the validation tasks are the held-out *_val tasks, and they were loaded once
+    val = load_tasks(tuple(tiny_assets.val_tasks), (str(tiny_assets.tasks_dir),))
+    assert set(val["tasks"]) == set(tiny_assets.val_tasks)
+    assert seconds < 10, f"one validation call took {seconds:.1f}s"
+    print(f"\nvalidator: acc {first:.3f}, {seconds:.2f}s per call ({len(tiny_assets.val_tasks)} tasks x 16 docs)")
+
+
+def test_unknown_task_is_a_one_line_error_with_suggestion(tiny_config):
+    tiny_config.eval.tasks = ["boolqq"]
+    with pytest.raises(QPrunerError) as err:
+        resolve_tasks(tiny_config.eval)
+    message = str(err.value)
+    assert message.startswith("eval.tasks:") and "'boolqq'" in message and "boolq" in message.split(";")[1]
+    assert "\n" not in message
+
+
+def test_standard_task_names_pass_through(tiny_config):
+    tiny_config.eval.tasks = ["boolq", "arc_easy"]
+    names, paths = resolve_tasks(tiny_config.eval)
+    assert names == ["boolq", "arc_easy"] and paths == []
+
+
+def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets, tiny_config):
+    model, tokenizer = load_model("builtin:tiny")
+    tiny_config.eval.tasks = ["boolq"]
+    try:
+        result = evaluate_model(model, tokenizer, tiny_config.eval, limit=2)
+    except QPrunerError as err:  # the usual case: hubs unreachable and boolq not in the HF cache
+        assert str(err).startswith("eval.tasks: cannot load boolq") and "\n" not in str(err)
+    else:  # boolq happens to be cached on this machine
+        assert 0.0 <= result["tasks"]["boolq"]["acc"] <= 1.0
