@@ -119,6 +119,18 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
     Tasks and the lm-eval wrapper are built here once; each call only runs the forward passes.
     """
+    task_dict = load_tasks(*validation_tasks(cfg, cache_dir))
+    lm = wrap_model(model, tokenizer, cfg.eval.batch_size)
+    limit = cfg.finetune.val_limit
+
+    def validate() -> float:
+        return mean_acc(run_tasks(lm, task_dict, limit))
+
+    return validate
+
+
+def validation_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(task names, include paths) for quick validation: builtin tasks swap to their held-out `*_val` twins."""
     cache_dir = cfg.output.cache if cache_dir is None else cache_dir
     names, paths = resolve_tasks(cfg.eval, cache_dir)
     if "builtin" in cfg.eval.tasks:
@@ -127,14 +139,7 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
         assets = ensure_tiny(cache_dir, progress=False)
         swap = dict(zip(assets.test_tasks, assets.val_tasks))
         names = [swap.get(n, n) for n in names]
-    task_dict = load_tasks(tuple(names), tuple(paths))
-    lm = wrap_model(model, tokenizer, cfg.eval.batch_size)
-    limit = cfg.finetune.val_limit
-
-    def validate() -> float:
-        return mean_acc(run_tasks(lm, task_dict, limit))
-
-    return validate
+    return tuple(names), tuple(paths)
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> HFLM:

@@ -1,0 +1,263 @@
+"""The search: per-layer bit-width space, the multi-objective Optuna searcher, and QPruner's
+importance-aware first configurations (the "probabilistic decision").
+
+Layer importance -> probability that a layer gets the higher precision -> the first `n_init` bit
+vectors are drawn from those probabilities, spread over memory budgets; Bayesian optimisation
+(OptunaSearch, multi-objective: accuracy max, memory min) refines from there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from qpruner.config import Config
+
+OBJECTIVES = ["accuracy", "memory_gb"]
+MODES = ["max", "min"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space: one categorical per decoder layer ("b0".."b{L-1}"), optionally a LoRA rank each ("r0"..).
+
+
+def param_space(n_layers: int, bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
+    from ray import tune
+
+    space = {f"b{i}": tune.choice(list(bits)) for i in range(n_layers)}
+    if ranks:
+        space.update({f"r{i}": tune.choice(list(ranks)) for i in range(n_layers)})
+    return space
+
+
+def bits_from_config(config: dict, n_layers: int) -> list[int]:
+    return [int(config[f"b{i}"]) for i in range(n_layers)]
+
+
+def ranks_from_config(config: dict, n_layers: int) -> Optional[list[int]]:
+    return [int(config[f"r{i}"]) for i in range(n_layers)] if "r0" in config else None
+
+
+def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
+    config = {f"b{i}": int(b) for i, b in enumerate(bits)}
+    if ranks:
+        config.update({f"r{i}": int(r) for i, r in enumerate(ranks)})
+    return config
+
+
+def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict]):
+    """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
+
+    The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
+    study single-objective. Trials stopped by ASHA are told to Optuna with their last reported
+    (quick-validation) accuracy; failed trials are told as FAIL.
+    """
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = cfg.search.seed
+    samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(2, len(points_to_evaluate))),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(2, len(points_to_evaluate))),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, cfg.search.concurrency * 2)),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }
+    searcher = OptunaSearch(
+        metric=OBJECTIVES,
+        mode=MODES,
+        sampler=samplers[cfg.search.sampler](),
+        points_to_evaluate=points_to_evaluate or None,
+        seed=seed,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency)
+
+
+# ---------------------------------------------------------------------------------------------
+# First configurations.
+
+
+def random_configs(n_layers: int, bits: Sequence[int], n: int, seed: int) -> list[list[int]]:
+    """The ablation (`search.init: random`): n uniformly random bit vectors, seeded."""
+    rng = random.Random(seed)
+    return [[rng.choice(list(bits)) for _ in range(n_layers)] for _ in range(n)]
+
+
+def bit_probabilities(importance: Sequence[float], temperature: float) -> np.ndarray:
+    """Per-layer probability of the higher precision: a logistic of the importance z-score / temperature.
+
+    Equal importances give 0.5 everywhere; a lower temperature makes the decision sharper.
+    """
+    x = np.asarray(importance, dtype=np.float64)
+    spread = x.std()
+    z = (x - x.mean()) / spread if spread > 0 else np.zeros_like(x)
+    return 1.0 / (1.0 + np.exp(-z / temperature))
+
+
+def initial_configs(importance: Sequence[float], bits: Sequence[int], n_init: int, temperature: float, seed: int,
+                    anchors: bool = True) -> list[list[int]]:
+    """The probabilistic decision: `n_init` bit vectors drawn from the layer probabilities, spread over
+    memory budgets, plus the uniform-lowest and uniform-highest anchors first.
+
+    Spread: draw i aims at a share q_i of high-precision layers from low to high; each layer's
+    probability is shifted in logit space until their mean is q_i, so every budget level keeps the
+    ranking of layers by importance. With more than two bit-widths the probability picks a rank in
+    the sorted set (p -> index round(p * (k-1)) with noise).
+    """
+    levels = sorted(bits)
+    n_layers = len(importance)
+    rng = np.random.default_rng(seed)
+    p = np.clip(bit_probabilities(importance, temperature), 1e-4, 1 - 1e-4)
+    logit = np.log(p / (1 - p))
+    out: list[list[int]] = []
+    if anchors:
+        out += [[levels[0]] * n_layers, [levels[-1]] * n_layers]
+    targets = np.linspace(0.2, 0.8, n_init) if n_init > 1 else np.array([0.5])
+    for target in targets:
+        shifted = _shift_to_mean(logit, target)
+        for _ in range(20):  # redraw duplicates a few times
+            u = rng.random(n_layers)
+            if len(levels) == 2:
+                vec = [levels[1] if ui < pi else levels[0] for ui, pi in zip(u, shifted)]
+            else:
+                idx = np.clip(np.round(shifted * (len(levels) - 1) + (u - 0.5)), 0, len(levels) - 1).astype(int)
+                vec = [levels[i] for i in idx]
+            if vec not in out:
+                out.append(vec)
+                break
+    return out
+
+
+def _shift_to_mean(logit: np.ndarray, target: float) -> np.ndarray:
+    """Probabilities sigmoid(logit + c) with c found by bisection so that their mean is `target`."""
+    lo, hi = -50.0, 50.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if (1 / (1 + np.exp(-(logit + mid)))).mean() < target:
+            lo = mid
+        else:
+            hi = mid
+    return 1 / (1 + np.exp(-(logit + (lo + hi) / 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer importance.
+
+
+def importance_task(cfg_dict: dict, pruned_path: str) -> list[float]:
+    """Ray task body: the pruned model's per-layer importance with the configured method."""
+    import torch
+
+    from qpruner.config import config_from_dict
+    from qpruner.prune import load_pruned
+
+    cfg = config_from_dict(cfg_dict)
+    if cfg.search.importance == "taylor":
+        return taylor_importance(pruned_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_pruned(pruned_path, dtype=cfg.quant.compute_dtype, device=device)
+    return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=pruned_path)
+
+
+def layer_importance(model, tokenizer, cfg: Config, method: str, pruned_path: Optional[str] = None) -> list[float]:
+    """One score per decoder layer, higher = needs more precision (methods: mi, quant_loss, taylor)."""
+    if method == "taylor":
+        return taylor_importance(pruned_path)
+    if method == "quant_loss":
+        return quant_loss_importance(model, tokenizer, cfg)
+    return mi_importance(model, tokenizer, cfg)
+
+
+def taylor_importance(pruned_path: Optional[str]) -> list[float]:
+    """The pruner's per-layer Taylor score (sum over the layer's groups), stored with the pruned model."""
+    meta = json.loads((Path(pruned_path) / "qpruner_prune.json").read_text())
+    return [float(x) for x in meta["layer_importance"]]
+
+
+def labelled_prompts(cfg: Config, limit: int) -> list[tuple[str, int, int]]:
+    """(prompt, label, task index) from the validation tasks' docs: the task signal for MI."""
+    from qpruner.evaluate import load_tasks, validation_tasks
+
+    tasks = load_tasks(*validation_tasks(cfg))
+    rows = []
+    for t_index, task in enumerate(tasks.values()):
+        for doc in list(task.eval_docs)[:limit]:
+            target = task.doc_to_target(doc)
+            label = target if isinstance(target, int) else task.doc_to_choice(doc).index(target)
+            rows.append((task.doc_to_text(doc), int(label), t_index))
+    return rows
+
+
+def mi_importance(model, tokenizer, cfg: Config, components: int = 8, limit: int = 128) -> list[float]:
+    """Mutual-information importance: how much task information each layer ADDS to the residual stream.
+
+    For labelled task prompts, take each layer's output at the last prompt token, project it to a few
+    principal components, and estimate I(h_l; y) with sklearn's kNN estimator (summed over
+    components, averaged over tasks). A layer's importance is its gain I(h_l; y) - I(h_{l-1}; y)
+    (clipped at a small floor): layers that create task-relevant features need precision most.
+    """
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.feature_selection import mutual_info_classif
+
+    rows = labelled_prompts(cfg, limit)
+    device = next(model.parameters()).device
+    states: list[list[np.ndarray]] = []
+    model.eval()
+    with torch.no_grad():
+        for prompt, _, _ in rows:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+            states.append([h[0, -1].float().cpu().numpy() for h in hidden])
+    labels = np.array([r[1] for r in rows])
+    tasks = np.array([r[2] for r in rows])
+    n_layers = model.config.num_hidden_layers
+    mi = np.zeros(n_layers + 1)  # index 0 = embeddings
+    for t in np.unique(tasks):
+        pick = tasks == t
+        for layer in range(n_layers + 1):
+            x = np.stack([s[layer] for s, keep in zip(states, pick) if keep])
+            k = min(components, x.shape[0] - 1, x.shape[1])
+            x = PCA(n_components=k, random_state=0).fit_transform(x)
+            mi[layer] += mutual_info_classif(x, labels[pick], random_state=0, n_neighbors=3).sum()
+    mi /= len(np.unique(tasks))
+    gain = np.diff(mi)
+    floor = 1e-3 * max(float(np.abs(gain).max()), 1e-9)
+    return [float(max(g, floor)) for g in gain]
+
+
+def quant_loss_importance(model, tokenizer, cfg: Config) -> list[float]:
+    """Increase in LM loss on calibration text when only that layer is quantized to the lowest bit-width."""
+    import copy
+
+    import torch
+
+    from qpruner.data import calibration_texts
+    from qpruner.quantize import quantize_model
+
+    texts = calibration_texts(cfg.prune.calibration, cfg.output.cache)
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.prune.calibration.seq_len)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def loss_of(m) -> float:
+        with torch.no_grad():
+            return float(m(**batch, labels=labels).loss)
+
+    base = loss_of(model)
+    low = min(cfg.quant.bits)
+    n_layers = model.config.num_hidden_layers
+    scores = []
+    for layer in range(n_layers):
+        one = copy.deepcopy(model)
+        bits = [16] * n_layers
+        bits[layer] = low
+        quantize_model(one, bits, cfg.quant, device=str(device))
+        scores.append(max(loss_of(one) - base, 0.0) + 1e-6)
+        del one
+    return scores
