@@ -1,0 +1,34 @@
+"""`python -m qpruner.prune --config X`: prune once (as a Ray task, cached) and say where the model went."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from qpruner.cli import base_parser, set_offline_defaults
+    from qpruner.config import load_config
+
+    set_offline_defaults()
+    parser = base_parser("python -m qpruner.prune", "Prune a model once (cached) and store it in Hugging Face format.")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+
+    import ray
+
+    from qpruner.prune import prune_with_ray
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    result = prune_with_ray(cfg)
+    ray.shutdown()
+    print(f"pruned model: {result.path}")
+    print(f"parameters:   {result.params_before:,} -> {result.params_after:,} "
+          f"(overall {result.overall_ratio:.1%}, per prunable block {result.block_ratio:.1%})")
+    print(f"time:         {'cached, 0.0' if result.cached else f'{result.seconds:.1f}'} s")
+    return 0
+
+
+if __name__ == "__main__":
+    from qpruner.cli import run_cli
+
+    run_cli(main)

@@ -1,0 +1,179 @@
+"""Pruned models on disk, without pickle, and the run-once cache.
+
+A pruned folder holds model.safetensors, a LlamaConfig whose `qpruner_layers` lists each decoder
+layer's head counts and intermediate size, the tokenizer, `qpruner_prune.json` (what was done), and a
+`COMPLETE` marker written last. The folder is keyed by a hash of (model, pruning, calibration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qpruner.config import Config
+from qpruner.prune.structure import LayerShape, head_dim_of, layer_shape, reshape_layer
+
+COMPLETE = "COMPLETE"
+META = "qpruner_prune.json"
+
+
+@dataclass
+class PruneResult:
+    path: Path
+    key: str
+    params_before: int
+    params_after: int
+    overall_ratio: float
+    block_ratio: float
+    seconds: float
+    cached: bool
+
+
+def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
+    """Weights as safetensors, per-layer shapes in config.json, metadata beside them."""
+    head_dim = head_dim_of(model)
+    model.config.head_dim = head_dim
+    model.config.qpruner_layers = [dataclasses.asdict(layer_shape(layer, head_dim)) for layer in model.model.layers]
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    (path / META).write_text(json.dumps(meta, indent=1))
+
+
+def load_pruned(path: str | Path, dtype: str = "float32", device: Optional[str] = None):
+    """Rebuild a normal transformers LlamaForCausalLM with the pruned per-layer shapes; (model, tokenizer)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    config = LlamaConfig.from_pretrained(path)
+    shapes = [LayerShape(**s) for s in config.qpruner_layers]
+    torch_dtype = getattr(torch, dtype)
+    model = LlamaForCausalLM(config).to(torch_dtype)
+    for layer, shape in zip(model.model.layers, shapes):
+        reshape_layer(layer, shape, config.head_dim)
+    state = load_file(path / "model.safetensors")
+    if "lm_head.weight" not in state and config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def pruned_layer_count(path: str | Path) -> int:
+    return len(json.loads((Path(path) / "config.json").read_text())["qpruner_layers"])
+
+
+def is_complete(path: Path) -> bool:
+    """A folder counts only with its COMPLETE marker and the weights it names."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        expected = json.loads(marker.read_text())["weights_bytes"]
+    except (ValueError, KeyError):
+        return False
+    weights = path / "model.safetensors"
+    return weights.is_file() and weights.stat().st_size == expected
+
+
+def model_fingerprint(name: str, cache_dir: Path) -> str:
+    """What identifies the source model: builtin version, a local folder's files, or the hub id."""
+    if name.startswith("builtin:"):
+        from qpruner.builtin import VERSION
+
+        return f"{name}:{VERSION}"
+    local = Path(name).expanduser()
+    if local.is_dir():
+        files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in local.iterdir() if p.is_file())
+        return hashlib.sha256(((local / "config.json").read_text() + json.dumps(files)).encode()).hexdigest()
+    return name
+
+
+def prune_key(cfg: Config) -> str:
+    data = {"model": model_fingerprint(cfg.model.name, cfg.output.cache), "dtype": cfg.model.dtype,
+            "prune": dataclasses.asdict(cfg.prune)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prune_cached(cfg: Config, progress: bool = True) -> PruneResult:
+    """Prune once: return the stored result for this key, or prune, store atomically, and return it."""
+    from filelock import FileLock
+
+    key = prune_key(cfg)
+    root = cfg.output.cache / "pruned"
+    path = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    if not is_complete(path):
+        with FileLock(str(path) + ".lock"):
+            if not is_complete(path):
+                _build(cfg, key, path, progress)
+                meta = json.loads((path / META).read_text())
+                return _result(path, key, meta, cached=False)
+    return _result(path, key, json.loads((path / META).read_text()), cached=True)
+
+
+def _result(path: Path, key: str, meta: dict, cached: bool) -> PruneResult:
+    return PruneResult(path, key, meta["params_before"], meta["params_after"], meta["overall_ratio"],
+                       meta["block_ratio"], meta["seconds"], cached)
+
+
+def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
+    """Prune into a temp folder, write COMPLETE last, then rename into place."""
+    from qpruner.data import calibration_texts
+    from qpruner.model import load_model
+    from qpruner.prune.taylor import prune_model
+
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device)
+    before = sum(p.numel() for p in model.parameters())
+    batches = []
+    if cfg.prune.method != "random" and cfg.prune.ratio > 0:
+        texts = calibration_texts(cfg.prune.calibration, cfg.output.cache)
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.prune.calibration.seq_len).input_ids
+            batches.append(ids.to(device))
+    info = prune_model(model, batches, cfg.prune, progress)
+    after = sum(p.numel() for p in model.parameters())
+    meta = {
+        "key": key, "source_model": cfg.model.name, "prune": dataclasses.asdict(cfg.prune),
+        "params_before": before, "params_after": after, "overall_ratio": 1 - after / before,
+        "seconds": round(time.time() - started, 2), **info,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
+    try:
+        save_pruned(model.cpu(), tokenizer, tmp, meta)
+        (tmp / COMPLETE).write_text(json.dumps({"weights_bytes": (tmp / "model.safetensors").stat().st_size}))
+        if path.exists():
+            shutil.rmtree(path)  # an unfinished earlier attempt
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_with_ray(cfg: Config, num_gpus: float = 0) -> PruneResult:
+    """Run `prune_cached` as a Ray task (on a GPU node when asked) and wait for it."""
+    import ray
+
+    task = ray.remote(_prune_task).options(num_cpus=1, num_gpus=num_gpus)
+    return ray.get(task.remote(cfg.to_dict()))
+
+
+def _prune_task(cfg_dict: dict) -> PruneResult:
+    from qpruner.config import config_from_dict
+
+    return prune_cached(config_from_dict(cfg_dict), progress=False)

@@ -1,0 +1,192 @@
+"""LLM-Pruner's block-wise structured pruning: Taylor importance of coupled groups on calibration text.
+
+Per weight, first order |w * dL/dw|; second order adds LLM-Pruner's diagonal term,
+|w*g - 1/2 * w^2 * H_kk| with H_kk ~ sum over samples of g^2 (Fisher). A group's score aggregates its
+weights' scores (sum, mean, max or product); groups are ranked within each layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qpruner.config import PruneConfig
+from qpruner.errors import ConfigError
+from qpruner.prune.structure import (
+    LayerShape,
+    channel_params,
+    group_params,
+    group_rows,
+    head_dim_of,
+    keep_channels,
+    keep_groups,
+    layer_shape,
+)
+
+
+@dataclass
+class Plan:
+    """How many attention groups and MLP channels each prunable layer loses."""
+
+    layers: list[int]
+    groups: int
+    channels: int
+    removed: int  # parameters
+    block_ratio: float  # removed / parameters of the prunable layers
+
+
+def prunable_layers(n_layers: int, pcfg: PruneConfig) -> list[int]:
+    """LLM-Pruner prunes layers 4..30 of 32: the same share of depth, keeping at least one at each end."""
+    first = pcfg.first_layer if pcfg.first_layer is not None else max(1, round(4 / 32 * n_layers))
+    last = pcfg.last_layer if pcfg.last_layer is not None else min(n_layers - 1, round(30 / 32 * n_layers))
+    if last > n_layers:
+        raise ConfigError("prune.last_layer", f"is {last} but the model has {n_layers} decoder layers")
+    return list(range(first, last))
+
+
+def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
+    """Choose per-layer group and channel counts so the WHOLE model loses `ratio` of its parameters.
+
+    Heads come in coarse steps, so for each possible number of removed groups the channel count is
+    solved exactly; the choice whose head and channel fractions are closest (LLM-Pruner prunes both
+    at one ratio) wins.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    layers = prunable_layers(model.config.num_hidden_layers, pcfg)
+    hidden, head_dim = model.config.hidden_size, head_dim_of(model)
+    shape: LayerShape = layer_shape(model.model.layers[layers[0]], head_dim) if layers else None
+    target = pcfg.ratio * total
+    if not layers or target == 0:
+        return Plan(layers, 0, 0, 0, 0.0)
+    per_group, per_channel = group_params(shape, head_dim, hidden), channel_params(hidden)
+    block = sum(sum(p.numel() for p in model.model.layers[i].parameters()) for i in layers)
+    max_groups = shape.num_key_value_heads - 1 if pcfg.prune_attention else 0
+    max_channels = shape.intermediate_size - 1 if pcfg.prune_mlp else 0
+    best = None
+    for groups in range(max_groups + 1):
+        rest = target - groups * per_group * len(layers)
+        channels = round(rest / (per_channel * len(layers))) if pcfg.prune_mlp else 0
+        if channels < 0 or channels > max_channels:
+            continue
+        removed = (groups * per_group + channels * per_channel) * len(layers)
+        balance = abs(groups / shape.num_key_value_heads - channels / shape.intermediate_size) if pcfg.prune_mlp and pcfg.prune_attention else 0
+        key = (abs(removed - target) > 0.01 * total, balance)
+        if best is None or key < best[0]:
+            best = (key, Plan(layers, groups, channels, removed, removed / block))
+    reachable = (max_groups * per_group + max_channels * per_channel) * len(layers) / total
+    if best is None or abs(best[1].removed - target) > 0.02 * total:
+        raise ConfigError(
+            "prune.ratio",
+            f"{pcfg.ratio} cannot be reached by pruning layers {layers[0]}..{layers[-1]}: at most {reachable:.3f}; "
+            "lower the ratio or widen prune.first_layer/last_layer",
+        )
+    return best[1]
+
+
+def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, progress: bool) -> dict[str, torch.Tensor]:
+    """Per-weight Taylor importance for every Linear weight in the decoder layers."""
+    params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if order == "second" else None
+    model.eval()
+    for batch in tqdm(batches, desc="calibration (Taylor importance)", disable=not progress):
+        if fisher is not None:
+            before = {n: (p.grad.float().clone() if p.grad is not None else 0.0) for n, p in params.items()}
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if fisher is not None:
+            for n, p in params.items():
+                fisher[n] += (p.grad.float() - before[n]) ** 2
+    scores = {}
+    for n, p in params.items():
+        w, g = p.detach().float(), p.grad.float()
+        s = w * g
+        if fisher is not None:
+            s = s - 0.5 * w * w * fisher[n]
+        scores[n] = s.abs()
+        p.grad = None
+        p.requires_grad_(False)
+    return scores
+
+
+def _aggregate(values: torch.Tensor, how: str) -> float:
+    if how == "sum":
+        return float(values.sum())
+    if how == "mean":
+        return float(values.mean())
+    if how == "max":
+        return float(values.max())
+    return float(torch.log(values.clamp_min(1e-30)).sum())  # prod, in log space
+
+
+def group_scores(model: nn.Module, scores: dict[str, torch.Tensor], layer: int, how: str) -> tuple[list[float], torch.Tensor]:
+    """(score of each attention group, score of each MLP channel) for one layer."""
+    head_dim = head_dim_of(model)
+    shape = layer_shape(model.model.layers[layer], head_dim)
+    pre = f"model.layers.{layer}."
+    q, k, v, o = (scores[pre + f"self_attn.{m}_proj.weight"] for m in "qkvo")
+    per_group = shape.num_attention_heads // shape.num_key_value_heads
+    heads = []
+    for g in range(shape.num_key_value_heads):
+        q_rows, kv_rows = group_rows(g, per_group, head_dim)
+        heads.append(_aggregate(torch.cat([q[q_rows].flatten(), k[kv_rows].flatten(), v[kv_rows].flatten(), o[:, q_rows].flatten()]), how))
+    gate, up, down = (scores[pre + f"mlp.{m}_proj.weight"] for m in ("gate", "up", "down"))
+    per_channel = torch.cat([gate, up, down.T], dim=1)
+    if how == "sum":
+        channels = per_channel.sum(1)
+    elif how == "mean":
+        channels = per_channel.mean(1)
+    elif how == "max":
+        channels = per_channel.max(1).values
+    else:
+        channels = torch.log(per_channel.clamp_min(1e-30)).sum(1)
+    return heads, channels
+
+
+def layer_totals(scores: dict[str, torch.Tensor], n_layers: int) -> list[float]:
+    """Per-layer Taylor importance: the sum of its weights' scores (used by the search as one option)."""
+    totals = [0.0] * n_layers
+    for name, s in scores.items():
+        totals[int(name.split(".layers.")[1].split(".")[0])] += float(s.sum())
+    return totals
+
+
+def apply_plan(model: nn.Module, plan: Plan, head_rank, channel_rank) -> None:
+    """Remove the lowest-ranked groups/channels in each planned layer (rank functions give scores)."""
+    head_dim = head_dim_of(model)
+    for i in plan.layers:
+        layer = model.model.layers[i]
+        shape = layer_shape(layer, head_dim)
+        if plan.groups:
+            order = sorted(range(shape.num_key_value_heads), key=lambda g: head_rank(i)[g])
+            keep_groups(layer, sorted(order[plan.groups:]), head_dim)
+        if plan.channels:
+            keep = torch.argsort(channel_rank(i), descending=True)[: shape.intermediate_size - plan.channels]
+            keep_channels(layer, keep)
+
+
+def prune_model(model: nn.Module, batches: list[torch.Tensor], pcfg: PruneConfig, progress: bool = True) -> dict:
+    """Prune in place by `pcfg.method` (taylor or random); returns what happened, for the metadata."""
+    plan = plan_pruning(model, pcfg)
+    n_layers = model.config.num_hidden_layers
+    if pcfg.method == "random":
+        gen = torch.Generator().manual_seed(pcfg.calibration.seed)
+        shapes = {i: layer_shape(model.model.layers[i], head_dim_of(model)) for i in plan.layers}
+        head_r = {i: torch.rand(shapes[i].num_key_value_heads, generator=gen).tolist() for i in plan.layers}
+        chan_r = {i: torch.rand(shapes[i].intermediate_size, generator=gen) for i in plan.layers}
+        apply_plan(model, plan, head_r.__getitem__, chan_r.__getitem__)
+        totals = []  # no importance measured: the search cannot use `importance: taylor` here
+    else:
+        scores = weight_scores(model, batches, pcfg.taylor_order, progress)
+        ranked = {i: group_scores(model, scores, i, pcfg.aggregation) for i in plan.layers}
+        totals = layer_totals(scores, n_layers)
+        apply_plan(model, plan, lambda i: ranked[i][0], lambda i: ranked[i][1])
+    return {"layers": plan.layers, "groups_removed": plan.groups, "channels_removed": plan.channels,
+            "block_ratio": plan.block_ratio, "layer_importance": totals}
