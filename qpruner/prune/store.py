@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from qpruner.config import Config
-from qpruner.prune.structure import LayerShape, head_dim_of, layer_shape, reshape_layer
+from qpruner.prune.structure import head_dim_of, layer_shape
 
 COMPLETE = "COMPLETE"
 META = "qpruner_prune.json"
@@ -51,26 +51,17 @@ def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
 
 def load_pruned(path: str | Path, dtype: str = "float32", device: Optional[str] = None):
     """Rebuild a normal transformers LlamaForCausalLM with the pruned per-layer shapes; (model, tokenizer)."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    config = LlamaConfig.from_pretrained(path)
-    shapes = [LayerShape(**s) for s in config.qpruner_layers]
-    torch_dtype = getattr(torch, dtype)
-    model = LlamaForCausalLM(config).to(torch_dtype)
-    for layer, shape in zip(model.model.layers, shapes):
-        reshape_layer(layer, shape, config.head_dim)
-    state = load_file(path / "model.safetensors")
-    if "lm_head.weight" not in state and config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=True)
+    from qpruner.standalone import build_pruned_llama
+
+    model = build_pruned_llama(path, getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device:
         model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def pruned_layer_count(path: str | Path) -> int:

@@ -92,9 +92,3 @@ def keep_channels(layer: nn.Module, channels: torch.Tensor) -> None:
     mlp.down_proj = _keep_cols(mlp.down_proj, channels)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(channels)
-
-
-def reshape_layer(layer: nn.Module, shape: LayerShape, head_dim: int) -> None:
-    """Give a freshly built layer the pruned shape (weights are loaded afterwards)."""
-    keep_groups(layer, list(range(shape.num_key_value_heads)), head_dim)
-    keep_channels(layer, torch.arange(shape.intermediate_size))

@@ -1,0 +1,110 @@
+"""Load a qpruner model with stock libraries only (torch, transformers, bitsandbytes, peft).
+
+Stock transformers cannot express per-layer head counts and MLP sizes, so this file rebuilds them.
+`qpruner.export` copies it beside every exported model as `load_qpruner.py`:
+
+    from load_qpruner import load
+    model, tokenizer = load("exported-folder")          # per-layer 4/8/16-bit base + trained LoRA
+    model, tokenizer = load("exported-folder/merged")   # the --merge variant: one full-precision model
+
+It must not import qpruner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _shrink(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    if (linear.out_features, linear.in_features) == (out_features, in_features):
+        return linear
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+
+
+def build_pruned_llama(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A LlamaForCausalLM whose decoder layers take the shapes listed in config.json's `qpruner_layers`."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    config = LlamaConfig.from_pretrained(path)
+    model = LlamaForCausalLM(config).to(dtype)
+    hidden, head_dim = config.hidden_size, config.head_dim
+    for layer, shape in zip(model.model.layers, config.qpruner_layers):
+        q = shape["num_attention_heads"] * head_dim
+        kv = shape["num_key_value_heads"] * head_dim
+        inter = shape["intermediate_size"]
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
+        attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
+        mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
+        mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
+    state = load_file(path / "model.safetensors")
+    if "lm_head.weight" not in state and config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def quantize_linear(linear: nn.Linear, bits: int, settings: dict, device: str) -> nn.Module:
+    """The bitsandbytes module qpruner uses for a bit-width: NF4/FP4 Linear4bit, LLM.int8 Linear8bitLt, or as is."""
+    import bitsandbytes as bnb
+
+    compute = getattr(torch, settings.get("compute_dtype", "float32"))
+    if bits == 16:
+        return linear.to(device=device, dtype=compute)
+    if bits == 4:
+        new = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute,
+            compress_statistics=settings.get("double_quant", True), quant_type=settings.get("quant_type", "nf4"),
+            quant_storage=torch.uint8, device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            linear.weight.data.to(compute), requires_grad=False, blocksize=settings.get("blocksize", 64),
+            compress_statistics=settings.get("double_quant", True), quant_type=settings.get("quant_type", "nf4"),
+        )
+    elif bits == 8:
+        new = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            has_fp16_weights=False, threshold=0.0, device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(linear.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"unsupported bit-width {bits}; qpruner uses 4, 8 or 16")
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.data.to(compute), requires_grad=False)
+    return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
+
+
+def quantize_layers(model, bits: list[int], settings: dict, device: str) -> None:
+    """Give every Linear of decoder layer i the precision bits[i], in place."""
+    for layer, b in zip(model.model.layers, bits):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, quantize_linear(child, b, settings, device))
+    model.to(device)
+    model.is_loaded_in_4bit = 4 in bits
+    model.is_loaded_in_8bit = 8 in bits and 4 not in bits
+
+
+def load(path: str | Path, device: Optional[str] = None):
+    """(model, tokenizer) from an exported folder (base/ + quantization.json + adapter/) or a merged one."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (path / "config.json").is_file():  # a plain pruned or merged model
+        return build_pruned_llama(path).to(device), AutoTokenizer.from_pretrained(path)
+    from peft import PeftModel
+
+    quant = json.loads((path / "quantization.json").read_text())
+    model = build_pruned_llama(path / "base", getattr(torch, quant["settings"].get("compute_dtype", "float32")))
+    quantize_layers(model, quant["bits"], quant["settings"], device)
+    model = PeftModel.from_pretrained(model, path / "adapter", is_trainable=False)
+    return model.eval(), AutoTokenizer.from_pretrained(path / "base")
