@@ -90,7 +90,7 @@ def quantize_layers(model, bits: list[int], settings: dict, device: str) -> None
                     setattr(parent, name, quantize_linear(child, b, settings, device))
     model.to(device)
     model.is_loaded_in_4bit = 4 in bits
-    model.is_loaded_in_8bit = 8 in bits and 4 not in bits
+    model.is_loaded_in_8bit = 8 in bits  # peft checks the flag, then each layer's type: mixed models need both
 
 
 def load(path: str | Path, device: Optional[str] = None):

@@ -18,6 +18,32 @@ from qpruner.config import Config
 Report = Callable[[dict], None]
 
 
+def preflight(cfg: Config) -> None:
+    """Check every input a trial reads (model, tasks, data, calibration) before any work starts,
+    so a mistake is one line naming the field instead of a failure minutes into a search."""
+    from qpruner.data import calibration_texts
+    from qpruner.evaluate import resolve_tasks
+    from qpruner.finetune import load_alpaca
+
+    if not cfg.model.name.startswith("builtin:") and not Path(cfg.model.name).expanduser().is_dir():
+        from transformers import AutoConfig
+
+        from qpruner.errors import ConfigError
+
+        try:
+            AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                "model.name",
+                f"cannot find {cfg.model.name!r} ({str(exc).splitlines()[0][:120]}); give a local folder, "
+                "'builtin:tiny', or a hub id reachable from this machine",
+            ) from None
+    resolve_tasks(cfg.eval, cfg.output.cache)
+    load_alpaca(cfg.finetune.data, cfg.output.cache)
+    if cfg.prune.ratio > 0 and cfg.prune.method != "random":
+        calibration_texts(cfg.prune.calibration, cfg.output.cache)
+
+
 def pick_device(cfg: Config) -> str:
     """CUDA when the trial was given a GPU (or gpu: auto) and one is visible, else CPU."""
     wants_gpu = cfg.resources.gpu == "auto" or cfg.resources.gpu > 0
@@ -78,6 +104,7 @@ def run_trial(
         if report is not None:
             report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb, "final": False})
 
+    inject_fault(peft_model, bits)
     t = time.perf_counter()
     validator = make_validator(peft_model, tokenizer, cfg)
     ft = finetune(peft_model, tokenizer, cfg, report=report_progress, validate=validator, progress=progress)
@@ -117,6 +144,22 @@ def run_trial(
     }
 
 
+FAULT_ENV = "QPRUNER_INJECT_NAN_BITS"
+
+
+def inject_fault(peft_model, bits: Sequence[int]) -> None:
+    """Fault injection for reliability tests: if $QPRUNER_INJECT_NAN_BITS equals these bits
+    (comma-separated), poison the LoRA weights so fine-tuning really diverges (NaN loss)."""
+    import os
+
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted and [int(b) for b in wanted.split(",")] == list(bits):
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(float("nan"))
+
+
 def save_adapter(peft_model, bits: Sequence[int], ranks: Optional[Sequence[int]], out: str | Path) -> Path:
     """Keep the trained LoRA adapter (safetensors) and the per-layer bits beside it, for export."""
     out = Path(out)
@@ -139,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--adapter-out", default=None, help="folder to save the trained adapter in")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    preflight(cfg)
     pruned = prune_cached(cfg)
     from qpruner.prune import pruned_layer_count
 
