@@ -184,7 +184,7 @@ def labelled_prompts(cfg: Config, limit: int) -> list[tuple[str, int, int]]:
 
     tasks = load_tasks(*validation_tasks(cfg))
     rows = []
-    for t_index, task in enumerate(tasks.values()):
+    for t_index, task in enumerate(tasks["tasks"].values()):
         for doc in list(task.eval_docs)[:limit]:
             target = task.doc_to_target(doc)
             label = target if isinstance(target, int) else task.doc_to_choice(doc).index(target)

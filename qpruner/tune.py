@@ -150,30 +150,34 @@ def run_key(cfg: Config) -> str:
     """What identifies a run: everything in the recipe except where its files go."""
     data = cfg.to_dict()
     data.pop("output", None)
-    data["search"].pop("num_samples", None)  # asking for more samples continues the same run
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
-    """Create or check the output folder; return True when an earlier run there should be continued."""
+def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
+    """Check the output folder without writing; True when an earlier run there should be continued."""
     marker = out / "run.json"
     if marker.is_file():
-        previous = json.loads(marker.read_text()).get("run_key")
         if overwrite:
-            shutil.rmtree(out)
-        elif previous != run_key(cfg) and not resume:
+            return False
+        previous = json.loads(marker.read_text()).get("run_key")
+        if previous != run_key(cfg) and not resume:
             raise QPrunerError(
                 f"--out {out} holds a different run's results; pass --overwrite to replace them, "
-                f"--resume to continue that run, or another --out"
+                "--resume to continue that run, or another --out"
             )
-        else:
-            return (out / EXPERIMENT).is_dir()
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+        return (out / EXPERIMENT).is_dir()
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise QPrunerError(f"--out {out} is not empty and holds no qpruner run; pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_key": run_key(cfg), "created": time.time()}))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return False
+
+
+def init_out_dir(out: Path, cfg: Config, overwrite: bool) -> None:
+    """Start a fresh output folder: the run key (to recognise it later) and the resolved config."""
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "run.json").write_text(json.dumps({"run_key": run_key(cfg), "created": time.time()}))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -278,8 +282,11 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
 
     from qpruner.prune import prune_with_ray, pruned_layer_count
 
+    from qpruner.trial import preflight
+
     out = out.resolve()
-    restore = prepare_out_dir(out, cfg, resume, overwrite)
+    restore = check_out_dir(out, cfg, resume, overwrite)
+    preflight(cfg)
     if not ray.is_initialized():
         ray.init(
             address=address,
@@ -289,6 +296,8 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
             log_to_driver=True,
         )
     resources = trial_resources(cfg)
+    if not restore:
+        init_out_dir(out, cfg, overwrite)
     started = time.time()
     pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)

@@ -1,0 +1,101 @@
+"""End-to-end: the real `python -m qpruner.tune` CLI on builtin:tiny with real Ray, Optuna, ASHA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from qpruner.pareto import pareto_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(tmp: Path, **search) -> Path:
+    """tune_configs/tiny.yaml with a smaller search, written to tmp."""
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["search"].update(search)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_assets):
+    """One real search: 6 trials, 2 at a time, one trial's fine-tuning made to diverge for real."""
+    tmp = tmp_path_factory.mktemp("tune")
+    recipe = tiny_recipe(tmp, num_samples=6, concurrency=2)
+    out = tmp / "run"
+    n_layers = yaml.safe_load((Path(tiny_assets.model_dir) / "config.json").read_text())["num_hidden_layers"]
+    poisoned = ",".join(["8"] * n_layers)  # the uniform-8 anchor diverges: a real NaN loss
+    started = time.time()
+    proc = run_cli(["qpruner.tune", "--config", str(recipe), "--out", str(out)], {"QPRUNER_INJECT_NAN_BITS": poisoned})
+    seconds = time.time() - started
+    print(proc.stdout[-4000:], proc.stderr[-4000:], f"tune wall seconds: {seconds:.1f}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, seconds
+
+
+def test_search_writes_consistent_results_and_front(tiny_run):
+    out, proc, _ = tiny_run
+    results = pq.read_table(out / "results.parquet").to_pylist()
+    front = pq.read_table(out / "pareto.parquet").to_pylist()
+    assert len(results) >= 6
+    statuses = [r["status"] for r in results]
+    assert statuses.count("failed") == 1, statuses
+    assert "stopped_early" in statuses, "ASHA stopped no trial"
+    failed = next(r for r in results if r["status"] == "failed")
+    assert failed["error"] and ("NaN" in failed["error"] or "nan" in failed["error"] or "diverge" in failed["error"])
+    completed = [r for r in results if r["status"] == "completed"]
+    assert completed and all(r["accuracy"] is not None and r["memory_bytes"] > 0 for r in completed)
+    # the front is exactly the non-dominated completed trials
+    mask = pareto_mask([r["accuracy"] for r in completed], [r["memory_bytes"] for r in completed])
+    expected = {r["trial_id"] for r, keep in zip(completed, mask) if keep}
+    assert {r["trial_id"] for r in front} == expected
+    assert failed["trial_id"] not in expected
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert (out / "report.md").is_file()
+    assert "[qpruner] trials finished" in proc.stdout
+
+
+def test_first_trials_are_the_importance_aware_configs(tiny_run):
+    out, _, _ = tiny_run
+    import json
+
+    planned = json.loads((out / "importance.json").read_text())["initial"]
+    results = pq.read_table(out / "results.parquet").to_pylist()
+    tried = [list(r["bits"]) for r in sorted(results, key=lambda r: r["started_at"])]
+    for bits in planned[: len(tried)]:
+        assert bits in tried
+
+
+def test_gpu_request_without_gpu_fails_fast(tmp_path, tiny_assets):
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["resources"]["gpu"] = 0.25
+    recipe = tmp_path / "gpu.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    started = time.time()
+    proc = run_cli(["qpruner.tune", "--config", str(recipe), "--out", str(tmp_path / "run"), "--no-dashboard"], timeout=120)
+    assert proc.returncode == 2
+    assert time.time() - started < 60
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "resources.gpu" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("prune:\n  ratoi: 0.3\n")
+    proc = run_cli(["qpruner.tune", "--config", str(recipe)], timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: prune.ratoi: unknown key; did you mean 'prune.ratio'?"
