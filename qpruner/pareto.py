@@ -132,10 +132,27 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         raise
 
 
+def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
+    """Keep rows of an earlier results file that this run no longer knows, or knows only as unfinished:
+    a trial completed before a crash stays, once, with its original metrics."""
+    new = {r["trial_id"]: r["status"] for r in results.select(["trial_id", "status"]).to_pylist()}
+    keep_old = [r["trial_id"] for r in previous.select(["trial_id", "status"]).to_pylist()
+                if r["trial_id"] not in new or (r["status"] == "completed" and new[r["trial_id"]] != "completed")]
+    if not keep_old:
+        return results
+    old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
+    fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
+    merged = pa.concat_tables([fresh, old], promote_options="default")
+    return merged.sort_by("started_at").replace_schema_metadata(results.schema.metadata)
+
+
 def write_results(records: Sequence[dict], out_dir: Path, plot: bool = True) -> tuple[pa.Table, pa.Table]:
-    """results.parquet and pareto.parquet (and pareto.png when `plot`) in out_dir."""
+    """results.parquet and pareto.parquet (and pareto.png when `plot`) in out_dir, merged with the
+    results file already there (see merge_previous)."""
     out_dir = Path(out_dir)
     results = results_table(records)
+    if (out_dir / "results.parquet").is_file():
+        results = merge_previous(results, pq.read_table(out_dir / "results.parquet"))
     front = front_table(results)
     write_parquet_atomic(results, out_dir / "results.parquet")
     write_parquet_atomic(front, out_dir / "pareto.parquet")

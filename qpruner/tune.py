@@ -165,7 +165,9 @@ def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool
                 f"--out {out} holds a different run's results; pass --overwrite to replace them, "
                 "--resume to continue that run, or another --out"
             )
-        return (out / EXPERIMENT).is_dir()
+        from ray import tune
+
+        return tune.Tuner.can_restore(str(out / EXPERIMENT))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise QPrunerError(f"--out {out} is not empty and holds no qpruner run; pass --overwrite or another --out")
     return False
@@ -282,8 +284,11 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
 
     from qpruner.prune import prune_with_ray, pruned_layer_count
 
+    import os
+
     from qpruner.trial import preflight
 
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # snapshot the (small) search state every second
     out = out.resolve()
     restore = check_out_dir(out, cfg, resume, overwrite)
     preflight(cfg)

@@ -1,0 +1,172 @@
+"""Faults a long search must survive (real Ray, real processes killed) and bad input answered in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp: Path, **search) -> Path:
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["search"].update(search)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def finished_trials(out: Path) -> dict:
+    """Trials already written to results.parquet (completed, stopped early or failed)."""
+    try:
+        rows = pq.read_table(out / "results.parquet").to_pylist()
+    except Exception:
+        return {}
+    return {r["trial_id"]: r for r in rows}
+
+
+def start(args, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qpruner.tune", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (the local Ray cluster included): a crashed machine."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+
+
+def trial_workers() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::ImplicitFunc") or "ray::trial_trainable" in cmd:
+            out.append(p)
+    return out
+
+
+def test_killed_driver_resumes_and_a_killed_worker_is_isolated(tmp_path, tiny_assets):
+    cfg = recipe(tmp_path, num_samples=8, concurrency=2)
+    out = tmp_path / "run"
+    args = ["--config", str(cfg), "--out", str(out), "--no-dashboard"]
+    first = start(args, tmp_path / "first.log")
+    deadline = time.time() + 400
+    while len(finished_trials(out)) < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(1)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    kill_group(first)
+    before = finished_trials(out)
+    assert len(before) >= 2
+    pq.read_table(out / "results.parquet")  # never truncated
+
+    second = start(args, tmp_path / "second.log")  # the same command continues the run
+    victim = None
+    deadline = time.time() + 400
+    while victim is None and time.time() < deadline and second.poll() is None:
+        workers = trial_workers()
+        if workers:
+            victim = workers[0]
+            time.sleep(3)  # let it get into the trial
+            victim.kill()
+        time.sleep(0.5)
+    code = second.wait(timeout=600)
+    log = (tmp_path / "second.log").read_text()
+    assert code == 0, log[-3000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    ids = [r["trial_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and len(rows) >= 8
+    after = {r["trial_id"]: r for r in rows}
+    for trial_id, row in before.items():  # every trial finished before the kill: once, same metrics
+        for key in ("status", "accuracy", "val_acc", "bits", "memory_bytes"):
+            assert after[trial_id][key] == row[key]
+    assert victim is not None
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all(r["error"] for r in failed)  # the killed worker's trial is recorded, the rest went on
+    front = {r["trial_id"] for r in pq.read_table(out / "pareto.parquet").to_pylist()}
+    assert not front & {r["trial_id"] for r in failed}
+
+
+def run_cli(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "section, value, words",
+    [
+        ({"model": {"name": "nobody/no-such-model"}}, None, "model.name"),
+        ({"eval": {"tasks": ["boolqq"]}}, None, "eval.tasks"),
+        ({"finetune": {"data": "missing.jsonl"}}, None, "finetune.data"),
+        ({"search": {"concurrency": 0}}, None, "search.concurrency"),
+        ({"resources": {"gpu": 1.5}}, None, "resources.gpu"),
+        ({"prune": {"ratoi": 0.2}}, None, "did you mean 'prune.ratio'"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_assets, section, value, words):
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    for key, sub in section.items():
+        raw.setdefault(key, {}).update(sub)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    line = one_line_error(run_cli(["qpruner.tune", "--config", str(path), "--out", str(out), "--no-dashboard"]))
+    assert words in line
+    assert not out.exists()
+
+
+def test_bad_alpaca_record_names_the_index(tmp_path, tiny_assets):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"question": "no"}\n')
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["finetune"]["data"] = str(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    line = one_line_error(run_cli(["qpruner.tune", "--config", str(path), "--out", str(tmp_path / "o"), "--no-dashboard"]))
+    assert "finetune.data" in line and "1" in line
+
+
+def test_yaml_that_does_not_parse_gives_its_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("prune:\n  ratio: 0.2\n search: [\n")
+    line = one_line_error(run_cli(["qpruner.tune", "--config", str(path)]))
+    assert "line" in line
+
+
+def test_out_folder_of_another_run_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"run_key": "someone-else"}')
+    line = one_line_error(run_cli(["qpruner.tune", "--config", str(ROOT / "tune_configs" / "tiny.yaml"), "--out", str(out)]))
+    assert "--overwrite" in line and "--resume" in line
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+def test_trial_cli_wrong_bit_vector(tiny_assets):
+    line = one_line_error(run_cli(["qpruner.trial", "--config", str(ROOT / "tune_configs" / "tiny.yaml"), "--bits", "4,8"], timeout=300))
+    assert "bits: got 2 entries" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("prune:\n  ratio: 2\n")
+    proc = run_cli(["qpruner.tune", "--config", str(path), "--debug"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
