@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,7 +72,6 @@ def test_search_writes_consistent_results_and_front(tiny_run):
 
 def test_first_trials_are_the_importance_aware_configs(tiny_run):
     out, _, _ = tiny_run
-    import json
 
     planned = json.loads((out / "importance.json").read_text())["initial"]
     results = pq.read_table(out / "results.parquet").to_pylist()
@@ -99,3 +99,40 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     proc = run_cli(["qpruner.tune", "--config", str(recipe)], timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: prune.ratoi: unknown key; did you mean 'prune.ratio'?"
+
+
+LOAD_AND_EVALUATE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from load_qpruner import load
+model, tok = load(sys.argv[2], device="cpu")
+assert not [m for m in sys.modules if m.startswith("qpruner")], "the loader imported qpruner"
+from lm_eval import evaluator
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+tm = TaskManager(include_path=sys.argv[3], include_defaults=False)
+res = evaluator.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=16),
+                                tasks=["tiny_colour", "tiny_home", "tiny_food"], task_manager=tm, num_fewshot=0)
+accs = [res["results"][t]["acc,none"] for t in ("tiny_colour", "tiny_home", "tiny_food")]
+print(json.dumps(sum(accs) / len(accs)))
+"""
+
+
+def test_export_loads_without_qpruner_and_scores_as_reported(tiny_run, tiny_assets, tmp_path):
+    out, _, _ = tiny_run
+    target = tmp_path / "exported"
+    proc = run_cli(["qpruner.export", "--run", str(out), "--pick", "best-acc", "--out", str(target), "--merge"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    quant = json.loads((target / "quantization.json").read_text())
+    assert not list(target.rglob("*.bin")) and not list(target.rglob("*.pt"))
+    for folder in (target, target / "merged"):
+        script = tmp_path / "check.py"
+        script.write_text(LOAD_AND_EVALUATE)
+        run = subprocess.run([sys.executable, str(script), str(target), str(folder), str(tiny_assets.tasks_dir)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        accuracy = json.loads(run.stdout.strip().splitlines()[-1])
+        if folder == target:  # quantized base + adapter: the very model the trial evaluated
+            assert accuracy == pytest.approx(quant["accuracy"], abs=1e-9)
+        else:  # merged full precision: same function up to the fp rounding of the fold
+            assert abs(accuracy - quant["accuracy"]) <= 0.02

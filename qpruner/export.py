@@ -1,0 +1,134 @@
+"""`python -m qpruner.export --run DIR (--trial ID | --pick best-acc | --pick max-mem=GB) --out OUT [--merge]`
+
+Writes a folder that loads with stock libraries (no qpruner import):
+  base/               the pruned model (safetensors + config.json with per-layer shapes + tokenizer); the
+                      weights are LoftQ residuals, so quantizing them as quantization.json says gives
+                      exactly the base the trial trained on
+  quantization.json   bits per decoder layer (+ LoRA ranks) and the bitsandbytes settings
+  adapter/            the trial's trained LoRA adapter (peft format)
+  load_qpruner.py     `from load_qpruner import load; model, tok = load(OUT)` (and OUT/merged)
+  merged/             with --merge: dequantized base + LoRA folded in, one full-precision model
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyarrow.parquet as pq
+import torch
+
+from qpruner.errors import QPrunerError
+
+
+def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = None) -> dict:
+    """The results row of `trial`, the most accurate completed trial, or the most accurate under a memory cap."""
+    if not (run / "results.parquet").is_file():
+        raise QPrunerError(f"--run {run}: no results.parquet; give the --out folder of a qpruner.tune run")
+    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "completed"]
+    if trial:
+        match = [r for r in rows if r["trial_id"] == trial]
+        if not match:
+            raise QPrunerError(f"--trial {trial}: no completed trial with that id in {run / 'results.parquet'}")
+        return match[0]
+    if pick == "best-acc":
+        candidates = rows
+    elif pick and pick.startswith("max-mem="):
+        try:
+            cap = float(pick.split("=", 1)[1])
+        except ValueError:
+            raise QPrunerError(f"--pick {pick}: give the memory cap in GB, e.g. max-mem=20") from None
+        candidates = [r for r in rows if r["memory_gb"] <= cap]
+    else:
+        raise QPrunerError("give --trial ID, --pick best-acc or --pick max-mem=GB")
+    if not candidates:
+        raise QPrunerError(f"--pick {pick}: no completed trial qualifies in {run}")
+    return max(candidates, key=lambda r: (r["accuracy"], -r["memory_bytes"]))
+
+
+def find_adapter(run: Path, trial_id: str) -> Path:
+    found = sorted((run / "tune").glob(f"*{trial_id}*/adapter"))
+    if not found:
+        raise QPrunerError(
+            f"trial {trial_id} kept no adapter (output.keep_adapters keeps only the Pareto front by default); "
+            "export a front trial or rerun with output.keep_adapters: all"
+        )
+    return found[0]
+
+
+def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:
+    """Write the export folder for one trial (see the module docstring)."""
+    from qpruner.config import load_config
+    from qpruner.loftq import loftq_for_model
+    from qpruner.prune import load_pruned, save_pruned
+    from qpruner.quantize import settings
+
+    cfg = load_config(run / "config.yaml")
+    pruned = Path(json.loads((run / "run.json").read_text())["pruned_path"])
+    adapter = find_adapter(run, row["trial_id"])
+    bits, ranks = list(row["bits"]), row["ranks"]
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_pruned(pruned)
+    inits, _ = loftq_for_model(model, bits, cfg, cfg.output.cache, pruned.name, ranks=ranks)
+    with torch.no_grad():
+        for name, init in inits.items():
+            linear = model.get_submodule(name)
+            linear.weight.data = init.residual(linear.weight.data)
+    save_pruned(model, tokenizer, out / "base", {"trial_id": row["trial_id"], "source": str(pruned)})
+    shutil.copytree(adapter, out / "adapter", dirs_exist_ok=True)
+    (out / "quantization.json").write_text(json.dumps(
+        {"bits": bits, "ranks": ranks, "settings": settings(cfg.quant), "trial_id": row["trial_id"],
+         "accuracy": row["accuracy"], "memory_gb": row["memory_gb"]}, indent=1))
+    shutil.copy(Path(__file__).with_name("standalone.py"), out / "load_qpruner.py")
+    if merge:
+        merge_adapter(model, tokenizer, bits, cfg, out)
+    return out
+
+
+def merge_adapter(model, tokenizer, bits: Sequence[int], cfg, out: Path) -> None:
+    """merged/: each adapted Linear becomes dequant(Q) + scaling * B A, in full precision."""
+    from safetensors.torch import load_file
+
+    from qpruner.loftq import quant_dequant
+    from qpruner.prune import save_pruned
+
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    with torch.no_grad():
+        for key, a in state.items():
+            if not key.endswith("lora_A.weight"):
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = state[key.replace("lora_A", "lora_B")]
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            linear = model.get_submodule(name)
+            scaling = adapter_cfg["lora_alpha"] / a.shape[0]
+            base = quant_dequant(linear.weight.data, bits[layer], cfg.quant)
+            linear.weight.data = (base + scaling * b.float() @ a.float()).to(linear.weight.dtype)
+    save_pruned(model, tokenizer, out / "merged", {"merged_from": str(out / "adapter"), "bits": list(bits)})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qpruner.export", description="Export one trial of a run as a loadable model.")
+    parser.add_argument("--run", required=True, help="the --out folder of a qpruner.tune run")
+    parser.add_argument("--trial", default=None, help="trial id (see results.parquet / report.md)")
+    parser.add_argument("--pick", default=None, help="best-acc, or max-mem=GB for the most accurate under a memory cap")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--merge", action="store_true", help="also write merged/: one full-precision model")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    row = pick_trial(run, args.trial, args.pick)
+    out = export(run, row, Path(args.out), merge=args.merge)
+    print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}, {row['memory_gb']:.4f} GB) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from qpruner.cli import run_cli
+
+    run_cli(main)
