@@ -222,7 +222,7 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path) -> None:
     ax.set_ylabel("mean zero-shot accuracy")
     ax.set_title("qpruner search: accuracy vs memory")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -102,7 +102,8 @@ def run_trial(
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
-            report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb, "final": False})
+            report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb,
+                    "memory_bytes": memory.objective_bytes, "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()

@@ -48,23 +48,25 @@ def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: in
 # Records: one plain dict per Tune trial, the input of qpruner.pareto.
 
 
-def record_from_trial(trial) -> dict:
-    """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects."""
+def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
+    """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects.
+    `tune_status` overrides trial.status (callbacks run before Tune updates it)."""
     from qpruner.search import bits_from_config, ranks_from_config
 
     last = dict(trial.last_result or {})
     n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
     final = bool(last.get("final"))
+    status_now = tune_status or trial.status
     error = None
-    if trial.status == "ERROR":
+    if status_now == "ERROR":
         error = _error_text(trial)
         status = "failed"
     elif final:
         status = "completed"
-    elif trial.status == "TERMINATED":
+    elif status_now == "TERMINATED":
         status = "stopped_early"
     else:
-        status = trial.status.lower()  # pending / running: only seen in mid-run snapshots
+        status = status_now.lower()  # pending / running: only seen in mid-run snapshots
     return {
         "trial_id": trial.trial_id,
         "status": status,
@@ -115,26 +117,27 @@ class ResultsWriter(Callback):
         self.out_dir = Path(out_dir)
         self.num_samples = num_samples
 
-    def write(self, trials, plot: bool = False) -> list[dict]:
+    def write(self, trials, plot: bool = False, just_ended=None, status: Optional[str] = None) -> list[dict]:
         from qpruner.pareto import write_results
 
-        records = [record_from_trial(t) for t in trials if t.status in ("TERMINATED", "ERROR")]
+        records = [record_from_trial(t, status if t is just_ended else None) for t in trials
+                   if t is just_ended or t.status in ("TERMINATED", "ERROR")]
         if records:
             write_results(records, self.out_dir, plot=plot)
         return records
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._progress(self.write(trials), trials)
+        self._progress(self.write(trials, just_ended=trial, status="TERMINATED"), trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._progress(self.write(trials), trials)
+        self._progress(self.write(trials, just_ended=trial, status="ERROR"), trials, trial)
 
     def on_experiment_end(self, trials, **info):
         self.write(trials, plot=True)
 
-    def _progress(self, records: list[dict], trials) -> None:
+    def _progress(self, records: list[dict], trials, just_ended) -> None:
         count = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped_early", "failed")}
-        running = sum(t.status == "RUNNING" for t in trials)
+        running = sum(t.status == "RUNNING" and t is not just_ended for t in trials)
         print(
             f"[qpruner] trials finished {len(records)}/{self.num_samples}: completed {count['completed']}, "
             f"stopped early {count['stopped_early']}, failed {count['failed']}; running {running}",

@@ -26,3 +26,20 @@ def tiny_config():
     from qpruner.config import config_from_dict
 
     return config_from_dict({})
+
+
+@pytest.fixture()
+def make_recipe(tmp_path):
+    """Write tune_configs/tiny.yaml with `search` overrides to tmp_path; returns its path."""
+    from pathlib import Path
+
+    import yaml
+
+    def write(**search):
+        raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_configs" / "tiny.yaml").read_text())
+        raw["search"].update(search)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write

@@ -17,14 +17,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def recipe(tmp: Path, **search) -> Path:
-    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
-    raw["search"].update(search)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def finished_trials(out: Path) -> dict:
     """Trials already written to results.parquet (completed, stopped early or failed)."""
     try:
@@ -56,8 +48,8 @@ def trial_workers() -> list[psutil.Process]:
     return out
 
 
-def test_killed_driver_resumes_and_a_killed_worker_is_isolated(tmp_path, tiny_assets):
-    cfg = recipe(tmp_path, num_samples=8, concurrency=2)
+def test_killed_driver_resumes_and_a_killed_worker_is_isolated(tmp_path, tiny_assets, make_recipe):
+    cfg = make_recipe(num_samples=8, concurrency=2)
     out = tmp_path / "run"
     args = ["--config", str(cfg), "--out", str(out), "--no-dashboard"]
     first = start(args, tmp_path / "first.log")

@@ -18,15 +18,6 @@ from qpruner.pareto import pareto_mask
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(tmp: Path, **search) -> Path:
-    """tune_configs/tiny.yaml with a smaller search, written to tmp."""
-    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
-    raw["search"].update(search)
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -36,7 +27,10 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 900) 
 def tiny_run(tmp_path_factory, tiny_assets):
     """One real search: 6 trials, 2 at a time, one trial's fine-tuning made to diverge for real."""
     tmp = tmp_path_factory.mktemp("tune")
-    recipe = tiny_recipe(tmp, num_samples=6, concurrency=2)
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["search"].update(num_samples=6, concurrency=2)
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
     out = tmp / "run"
     n_layers = yaml.safe_load((Path(tiny_assets.model_dir) / "config.json").read_text())["num_hidden_layers"]
     poisoned = ",".join(["8"] * n_layers)  # the uniform-8 anchor diverges: a real NaN loss

@@ -44,6 +44,8 @@ def prunable_layers(n_layers: int, pcfg: PruneConfig) -> list[int]:
     last = pcfg.last_layer if pcfg.last_layer is not None else min(n_layers - 1, round(30 / 32 * n_layers))
     if last > n_layers:
         raise ConfigError("prune.last_layer", f"is {last} but the model has {n_layers} decoder layers")
+    if first >= last:
+        raise ConfigError("prune.first_layer", f"leaves no layer to prune ({first}..{last} of {n_layers}); set prune.first_layer/last_layer")
     return list(range(first, last))
 
 
@@ -57,10 +59,13 @@ def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
     total = sum(p.numel() for p in model.parameters())
     layers = prunable_layers(model.config.num_hidden_layers, pcfg)
     hidden, head_dim = model.config.hidden_size, head_dim_of(model)
-    shape: LayerShape = layer_shape(model.model.layers[layers[0]], head_dim) if layers else None
     target = pcfg.ratio * total
-    if not layers or target == 0:
+    if target == 0:
         return Plan(layers, 0, 0, 0, 0.0)
+    shapes = {layer_shape(model.model.layers[i], head_dim) for i in layers}
+    if len(shapes) > 1:
+        raise ConfigError("prune.first_layer", "the prunable layers differ in shape (an already pruned model); prune the original model instead")
+    shape: LayerShape = shapes.pop()
     per_group, per_channel = group_params(shape, head_dim, hidden), channel_params(hidden)
     block = sum(sum(p.numel() for p in model.model.layers[i].parameters()) for i in layers)
     max_groups = shape.num_key_value_heads - 1 if pcfg.prune_attention else 0
@@ -68,47 +73,54 @@ def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
     best = None
     for groups in range(max_groups + 1):
         rest = target - groups * per_group * len(layers)
-        channels = round(rest / (per_channel * len(layers))) if pcfg.prune_mlp else 0
-        if channels < 0 or channels > max_channels:
-            continue
+        channels = min(max(round(rest / (per_channel * len(layers))), 0), max_channels) if pcfg.prune_mlp else 0
         removed = (groups * per_group + channels * per_channel) * len(layers)
-        balance = abs(groups / shape.num_key_value_heads - channels / shape.intermediate_size) if pcfg.prune_mlp and pcfg.prune_attention else 0
-        key = (abs(removed - target) > 0.01 * total, balance)
+        miss = abs(removed - target) / total
+        balance = abs(groups / shape.num_key_value_heads - channels / shape.intermediate_size)
+        key = (0, balance if pcfg.prune_mlp and pcfg.prune_attention else 0) if miss <= 0.01 else (1, miss)
         if best is None or key < best[0]:
             best = (key, Plan(layers, groups, channels, removed, removed / block))
     reachable = (max_groups * per_group + max_channels * per_channel) * len(layers) / total
-    if best is None or abs(best[1].removed - target) > 0.02 * total:
+    if abs(best[1].removed - target) > 0.02 * total:
+        why = f"at most {reachable:.3f} is reachable" if pcfg.ratio > reachable else "whole head groups miss it by more than 2 points"
         raise ConfigError(
             "prune.ratio",
-            f"{pcfg.ratio} cannot be reached by pruning layers {layers[0]}..{layers[-1]}: at most {reachable:.3f}; "
-            "lower the ratio or widen prune.first_layer/last_layer",
+            f"{pcfg.ratio} cannot be reached by pruning layers {layers[0]}..{layers[-1]} ({why}); "
+            "change the ratio or widen prune.first_layer/last_layer",
         )
     return best[1]
 
 
 def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, progress: bool) -> dict[str, torch.Tensor]:
-    """Per-weight Taylor importance for every Linear weight in the decoder layers."""
+    """Per-weight Taylor importance for every Linear weight in the decoder layers.
+
+    g is the gradient of the mean LM loss over the calibration samples; for `second` the Fisher
+    diagonal sums each sample's squared gradient (one backward per sample, as LLM-Pruner does).
+    """
     params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
         p.grad = None
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if order == "second" else None
+    second = order == "second"
+    grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
     model.eval()
     for batch in tqdm(batches, desc="calibration (Taylor importance)", disable=not progress):
-        if fisher is not None:
-            before = {n: (p.grad.float().clone() if p.grad is not None else 0.0) for n, p in params.items()}
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        if fisher is not None:
+        model(input_ids=batch, labels=batch).loss.backward()
+        if second:
             for n, p in params.items():
-                fisher[n] += (p.grad.float() - before[n]) ** 2
+                g = p.grad.float()
+                grad_sum[n] += g
+                fisher[n] += g * g
+                p.grad = None
     scores = {}
     for n, p in params.items():
-        w, g = p.detach().float(), p.grad.float()
-        s = w * g
-        if fisher is not None:
+        g = grad_sum[n] if second else p.grad.float()
+        w = p.detach().float()
+        s = w * (g / len(batches))
+        if second:
             s = s - 0.5 * w * w * fisher[n]
         scores[n] = s.abs()
         p.grad = None
