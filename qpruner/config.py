@@ -76,6 +76,8 @@ class PruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, path: str) -> None:
+        if self.method == "slimgpt":
+            raise ConfigError(f"{path}.method", "slimgpt is not implemented yet; use 'taylor' or 'random'")
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"{path}.ratio", f"must be in [0, 1), got {self.ratio}")
         for name in ("first_layer", "last_layer"):
