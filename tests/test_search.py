@@ -85,3 +85,15 @@ def test_multi_objective_search_runs_first_points_first(ray_local, tmp_path, sam
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.params for t in trials[:2]] == first
     assert all(t.values is not None and len(t.values) == 2 for t in trials)
+
+
+@pytest.mark.parametrize("method", ["mi", "quant_loss", "taylor"])
+def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
+    from qpruner.prune import prune_cached
+    from qpruner.search import importance_task
+
+    cfg = config_from_dict({"prune": {"ratio": 0.3}, "search": {"importance": method}})
+    path = prune_cached(cfg, progress=False).path
+    scores = importance_task(cfg.to_dict(), str(path))
+    assert len(scores) == 6 and all(np.isfinite(scores)) and min(scores) > 0 and len(set(scores)) > 1
+    assert scores == importance_task(cfg.to_dict(), str(path))  # deterministic
