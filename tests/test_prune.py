@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def test_save_load_round_trip_is_exact(cache):
 def test_taylor_importance_beats_random_groups(cache, tiny_config):
     """On builtin:tiny at 30%, Taylor-ranked pruning keeps task accuracy clearly above random groups.
 
-    Measured: Taylor 0.761 mean acc; random seeds 1-4: 0.491, 0.827, 0.776, 0.539 (mean 0.658).
+    Measured: Taylor 0.764 mean acc; random seeds 1-4: 0.491, 0.827, 0.776, 0.539 (mean 0.658).
     Random pruning is erratic on this small model (one seed even beats the unpruned 0.745); Taylor is
     compared against the random mean over four seeds.
     """
@@ -83,6 +85,92 @@ def test_taylor_importance_beats_random_groups(cache, tiny_config):
     assert taylor > sum(random_accs) / len(random_accs) + 0.05
 
 
+def heldout_perplexity(model, tok, docs: list[str]) -> float:
+    """Token-level perplexity of fresh documents about the tiny model's world (never seen in training)."""
+    batch = tok(docs, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    with torch.no_grad():
+        return math.exp(model(**batch, labels=labels).loss.item())
+
+
+def test_taylor_perplexity_beats_random(cache):
+    """At 30% of MLP channels, Taylor ranking costs far less held-out perplexity than random (3 seeds).
+
+    Measured (dense 1.669): Taylor 1.678 (second order: 1.679), random 1.753, 1.711, 1.799. With attention pruned too
+    (the default), each prunable layer loses 1 of only 2 GQA groups and that coarse step dominates:
+    Taylor 1.880 vs random 1.843, 1.911, 1.943, so that case is printed, not asserted.
+    """
+    from qpruner.builtin import world
+    from qpruner.model import load_model
+
+    docs = world.corpus(world.make_world(seed=0), n_docs=128, seed=12345)
+    model, tok = load_model("builtin:tiny", cache_dir=cache)
+    dense = heldout_perplexity(model, tok, docs)
+
+    def ppl(**prune) -> float:
+        return heldout_perplexity(*load_pruned(prune_cached(cfg_for(cache, ratio=0.3, **prune), progress=False).path), docs)
+
+    taylor = ppl(prune_attention=False)
+    randoms = [ppl(prune_attention=False, method="random", calibration={"seed": s}) for s in (1, 2, 3)]
+    with_heads = ppl()
+    print(f"held-out ppl at 30%: dense {dense:.3f}; MLP only: taylor {taylor:.3f}, "
+          f"random {[round(r, 3) for r in randoms]}; heads+MLP taylor {with_heads:.3f}")
+    random_cost = sum(randoms) / len(randoms) - dense
+    assert random_cost > 0.02
+    assert taylor - dense < 0.5 * random_cost
+
+
+def test_second_order_matches_its_formula(cache):
+    """|w*g - 1/2 w^2 F| with g the mean gradient and F the sum of per-sample squared gradients."""
+    from qpruner.model import load_model
+    from qpruner.prune.taylor import _padded, weight_scores
+
+    model, tok = load_model("builtin:tiny", cache_dir=cache)
+    batches = [tok(t, return_tensors="pt").input_ids for t in ("the bakof eats fish .", "you find the doziko in the desert .")]
+    name = "model.layers.2.mlp.down_proj.weight"
+    w = dict(model.named_parameters())[name]
+    grads = []
+    for b in batches:
+        w.grad = None
+        model(input_ids=b, labels=b).loss.backward()
+        grads.append(w.grad.clone())
+    w.grad = None
+    model(**_padded(batches)).loss.backward()  # first order: one padded micro-batch, mean over its tokens
+    g_batch, w.grad = w.grad.clone(), None
+    g, fisher = sum(grads) / 2, sum(x * x for x in grads)
+    expected = (w.detach() * g - 0.5 * w.detach() ** 2 * fisher).abs()
+    scores = weight_scores(model, batches, "second", progress=False)
+    torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-10)
+    first = weight_scores(model, batches, "first", progress=False)
+    torch.testing.assert_close(first[name], (w.detach() * g_batch).abs(), rtol=1e-4, atol=1e-10)
+    assert not torch.equal(first[name], scores[name])
+
+
+def test_unreachable_ratio_names_the_max(cache, tiny_assets):
+    from qpruner.errors import ConfigError
+    from qpruner.model import load_model
+    from qpruner.prune.taylor import plan_pruning
+
+    model, _ = load_model("builtin:tiny", cache_dir=cache)
+    with pytest.raises(ConfigError, match=r"prune\.ratio: 0\.9 cannot be reached .*at most 0\.\d+ is reachable"):
+        plan_pruning(model, cfg_for(cache, ratio=0.9).prune)
+    with pytest.raises(ConfigError, match=r"prune\.last_layer"):
+        plan_pruning(model, cfg_for(cache, ratio=0.2, first_layer=1, last_layer=9).prune)
+
+
+def test_unreachable_hub_calibration_is_one_line(tmp_path):
+    from qpruner.config import CalibrationConfig
+    from qpruner.data import calibration_texts
+    from qpruner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^prune\.calibration\.source: cannot load dataset 'nobody/no-such-corpus'"):
+        calibration_texts(CalibrationConfig(source="nobody/no-such-corpus"), tmp_path)
+    texts = tmp_path / "calib.txt"
+    texts.write_text("one short line\n" * 50)
+    out = calibration_texts(CalibrationConfig(source=str(texts), n_samples=3, seq_len=8), tmp_path)
+    assert len(out) == 3 and all(len(t) >= 32 for t in out)  # short lines joined to fill seq_len
+
+
 def test_layer_importance_is_stored(cache):
     result = prune_cached(cfg_for(cache, ratio=0.2), progress=False)
     meta = json.loads((result.path / "qpruner_prune.json").read_text())
@@ -90,7 +178,7 @@ def test_layer_importance_is_stored(cache):
 
 
 def test_unfinished_folder_is_not_taken_as_done(cache):
-    cfg = cfg_for(cache, ratio=0.25)
+    cfg = cfg_for(cache, ratio=0.25, method="random")
     done = prune_cached(cfg, progress=False)
     (done.path / "COMPLETE").unlink()  # as if killed before the marker was written
     again = prune_cached(cfg, progress=False)
@@ -107,10 +195,14 @@ def test_ray_task_prunes_once(cache):
     try:
         cfg = config_from_dict({"prune": {"ratio": 0.35}})
         first = prune_with_ray(cfg)
+        written = (first.path / "model.safetensors").stat().st_mtime_ns
+        started = time.time()
         second = prune_with_ray(cfg)
+        took = time.time() - started
     finally:
         ray.shutdown()
-    assert not first.cached and second.cached
+    assert not first.cached and second.cached and took < 10
+    assert (second.path / "model.safetensors").stat().st_mtime_ns == written  # nothing rebuilt
     assert first.path == second.path and first.path.parent.parent == cache
 
 

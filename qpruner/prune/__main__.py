@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"pruned model: {result.path}")
     print(f"parameters:   {result.params_before:,} -> {result.params_after:,} "
           f"(overall {result.overall_ratio:.1%}, per prunable block {result.block_ratio:.1%})")
-    print(f"time:         {'cached, 0.0' if result.cached else f'{result.seconds:.1f}'} s")
+    print(f"time:         {result.seconds:.1f} s when built" + (" (cached: reused, nothing pruned now)" if result.cached else " (built now)"))
     return 0
 
 

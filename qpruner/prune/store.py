@@ -24,6 +24,7 @@ from qpruner.config import Config
 from qpruner.prune.structure import head_dim_of, layer_shape
 
 COMPLETE = "COMPLETE"
+ALGORITHM = 2  # bump when pruning results change for the same settings, so old cached folders are not reused
 META = "qpruner_prune.json"
 
 
@@ -95,7 +96,7 @@ def model_fingerprint(name: str, cache_dir: Path) -> str:
 
 
 def prune_key(cfg: Config) -> str:
-    data = {"model": model_fingerprint(cfg.model.name, cfg.output.cache), "dtype": cfg.model.dtype,
+    data = {"algorithm": ALGORITHM, "model": model_fingerprint(cfg.model.name, cfg.output.cache), "dtype": cfg.model.dtype,
             "prune": dataclasses.asdict(cfg.prune)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

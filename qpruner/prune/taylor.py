@@ -26,6 +26,8 @@ from qpruner.prune.structure import (
     layer_shape,
 )
 
+MICRO_BATCH = 8  # calibration rows per forward/backward for first-order importance
+
 
 @dataclass
 class Plan:
@@ -94,8 +96,9 @@ def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
 def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, progress: bool) -> dict[str, torch.Tensor]:
     """Per-weight Taylor importance for every Linear weight in the decoder layers.
 
-    g is the gradient of the mean LM loss over the calibration samples; for `second` the Fisher
-    diagonal sums each sample's squared gradient (one backward per sample, as LLM-Pruner does).
+    `batches` are (1, L) token rows. g is the gradient of the mean LM loss (first order: micro-batches
+    of MICRO_BATCH rows); for `second` the Fisher diagonal sums each sample's squared gradient (one
+    backward per sample, as LLM-Pruner does) and g is the mean of those per-sample gradients.
     """
     params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
     for p in model.parameters():
@@ -107,8 +110,9 @@ def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, pro
     grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
     model.eval()
-    for batch in tqdm(batches, desc="calibration (Taylor importance)", disable=not progress):
-        model(input_ids=batch, labels=batch).loss.backward()
+    steps = [[b] for b in batches] if second else [batches[i : i + MICRO_BATCH] for i in range(0, len(batches), MICRO_BATCH)]
+    for step in tqdm(steps, desc="calibration (Taylor importance)", disable=not progress):
+        model(**_padded(step)).loss.backward()
         if second:
             for n, p in params.items():
                 g = p.grad.float()
@@ -119,13 +123,23 @@ def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, pro
     for n, p in params.items():
         g = grad_sum[n] if second else p.grad.float()
         w = p.detach().float()
-        s = w * (g / len(batches))
+        s = w * (g / len(steps))
         if second:
             s = s - 0.5 * w * w * fisher[n]
         scores[n] = s.abs()
         p.grad = None
         p.requires_grad_(False)
     return scores
+
+
+def _padded(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-pad (1, L) token rows into one batch; padding is masked out of attention and loss."""
+    width = max(x.shape[1] for x in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long, device=samples[0].device)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(samples):
+        ids[i, : x.shape[1]], mask[i, : x.shape[1]] = x[0], 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _aggregate(values: torch.Tensor, how: str) -> float:
