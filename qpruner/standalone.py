@@ -33,21 +33,25 @@ def build_pruned_llama(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     config = LlamaConfig.from_pretrained(path)
-    model = LlamaForCausalLM(config).to(dtype)
     hidden, head_dim = config.hidden_size, config.head_dim
-    for layer, shape in zip(model.model.layers, config.qpruner_layers):
-        q = shape["num_attention_heads"] * head_dim
-        kv = shape["num_key_value_heads"] * head_dim
-        inter = shape["intermediate_size"]
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
-        attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
-        mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
-        mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
+    with torch.device("meta"):  # no memory for the unpruned shapes: weights arrive with load_state_dict
+        model = LlamaForCausalLM(config).to(dtype)
+        for layer, shape in zip(model.model.layers, config.qpruner_layers):
+            q = shape["num_attention_heads"] * head_dim
+            kv = shape["num_key_value_heads"] * head_dim
+            inter = shape["intermediate_size"]
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
+            attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
+            mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
+            mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
     state = load_file(path / "model.safetensors")
     if "lm_head.weight" not in state and config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers are not in the state dict
+    if config.tie_word_embeddings:
+        model.tie_weights()
     return model.eval()
 
 
