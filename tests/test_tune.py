@@ -28,7 +28,8 @@ def tiny_run(tmp_path_factory, tiny_assets):
     """One real search: 6 trials, 2 at a time, one trial's fine-tuning made to diverge for real."""
     tmp = tmp_path_factory.mktemp("tune")
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
-    raw["search"].update(num_samples=6, concurrency=2)
+    raw["search"].update(num_samples=6, concurrency=2, asha={"enabled": True, "grace_period": 1, "reduction_factor": 3})
+    raw["finetune"]["val_limit"] = 50  # all validation docs: fewer tied scores, which ASHA never stops
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     out = tmp / "run"
