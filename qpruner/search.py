@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from qpruner.config import Config
+from qpruner.errors import ConfigError
 
 OBJECTIVES = ["accuracy", "memory_gb"]
 MODES = ["max", "min"]
@@ -26,6 +27,7 @@ MODES = ["max", "min"]
 
 
 def param_space(n_layers: int, bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
+    """Tune space: one categorical bit-width per decoder layer, plus a LoRA rank per layer when `ranks`."""
     from ray import tune
 
     space = {f"b{i}": tune.choice(list(bits)) for i in range(n_layers)}
@@ -35,14 +37,17 @@ def param_space(n_layers: int, bits: Sequence[int], ranks: Optional[Sequence[int
 
 
 def bits_from_config(config: dict, n_layers: int) -> list[int]:
+    """The per-layer bit vector of a Tune config."""
     return [int(config[f"b{i}"]) for i in range(n_layers)]
 
 
 def ranks_from_config(config: dict, n_layers: int) -> Optional[list[int]]:
+    """The per-layer LoRA ranks of a Tune config, or None when ranks are not searched."""
     return [int(config[f"r{i}"]) for i in range(n_layers)] if "r0" in config else None
 
 
 def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
+    """The Tune config of a bit vector (and ranks): the inverse of bits_from_config/ranks_from_config."""
     config = {f"b{i}": int(b) for i, b in enumerate(bits)}
     if ranks:
         config.update({f"r{i}": int(r) for i, r in enumerate(ranks)})
@@ -53,14 +58,20 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict]):
     """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
 
     The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
-    study single-objective. Trials stopped by ASHA are told to Optuna with their last reported
-    (quick-validation) accuracy; failed trials are told as FAIL.
+    study single-objective. What Optuna hears (ray 2.60 OptunaSearch): nothing per report (multi-
+    objective drops intermediate values); a trial stopped by ASHA is told COMPLETE with its LAST
+    report's accuracy/memory_gb (the trainable reports accuracy = quick val_acc on the way); a crashed
+    trial is told FAIL. First points without rank keys get `lora.rank` (or the middle rank) per layer.
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     seed = cfg.search.seed
+    ranks = cfg.search.ranks
+    if ranks:  # first points carry bits only; Tune rejects a point without every searched key
+        rank = cfg.lora.rank if cfg.lora.rank in ranks else sorted(ranks)[len(ranks) // 2]
+        points_to_evaluate = [{**{f"r{i}": rank for i in range(n_layers)}, **point} for point in points_to_evaluate]
     samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(2, len(points_to_evaluate))),
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(2, len(points_to_evaluate))),
@@ -99,45 +110,60 @@ def bit_probabilities(importance: Sequence[float], temperature: float) -> np.nda
 
 
 def initial_configs(importance: Sequence[float], bits: Sequence[int], n_init: int, temperature: float, seed: int,
-                    anchors: bool = True) -> list[list[int]]:
-    """The probabilistic decision: `n_init` bit vectors drawn from the layer probabilities, spread over
-    memory budgets, plus the uniform-lowest and uniform-highest anchors first.
+                    anchors: bool = True, weight_fn: Optional[Callable[[list[int]], float]] = None) -> list[list[int]]:
+    """The probabilistic decision: `n_init` distinct bit vectors drawn from the layer probabilities and
+    spread over memory budgets, after the uniform-lowest and uniform-highest anchors.
 
-    Spread: draw i aims at a share q_i of high-precision layers from low to high; each layer's
-    probability is shifted in logit space until their mean is q_i, so every budget level keeps the
-    ranking of layers by importance. With more than two bit-widths the probability picks a rank in
-    the sorted set (p -> index round(p * (k-1)) with noise).
+    Draw i aims at a memory budget q_i (from 20% to 80% of the way from all-lowest to all-highest):
+    the layer logits are shifted by one constant until the expected memory is q_i, so every budget
+    keeps the ranking of layers by importance. Memory is `weight_fn(bits) -> bytes` (pass it when
+    pruned layers differ in size; default the bit sum). With more than two bit-widths a layer's
+    probability p is its expected position in the sorted set: index = floor(p * (k-1) + u).
     """
-    levels = sorted(bits)
+    levels = sorted(set(bits))
     n_layers = len(importance)
+    if len(levels) == 1:
+        return [[levels[0]] * n_layers]
     rng = np.random.default_rng(seed)
     p = np.clip(bit_probabilities(importance, temperature), 1e-4, 1 - 1e-4)
     logit = np.log(p / (1 - p))
-    out: list[list[int]] = []
-    if anchors:
-        out += [[levels[0]] * n_layers, [levels[-1]] * n_layers]
-    targets = np.linspace(0.2, 0.8, n_init) if n_init > 1 else np.array([0.5])
+    costs = _level_costs(n_layers, levels, weight_fn or sum)
+    out = [[levels[0]] * n_layers, [levels[-1]] * n_layers] if anchors else []
+    targets = np.linspace(0.2, 0.8, n_init) if n_init > 1 else np.full(n_init, 0.5)
     for target in targets:
-        shifted = _shift_to_mean(logit, target)
-        for _ in range(20):  # redraw duplicates a few times
-            u = rng.random(n_layers)
-            if len(levels) == 2:
-                vec = [levels[1] if ui < pi else levels[0] for ui, pi in zip(u, shifted)]
-            else:
-                idx = np.clip(np.round(shifted * (len(levels) - 1) + (u - 0.5)), 0, len(levels) - 1).astype(int)
-                vec = [levels[i] for i in idx]
+        probs = _shift_to_budget(logit, costs, target * costs[:, -1].sum())
+        for _ in range(20):  # redraw a duplicate a few times
+            idx = np.floor(probs * (len(levels) - 1) + rng.random(n_layers)).clip(0, len(levels) - 1).astype(int)
+            vec = [levels[i] for i in idx]
             if vec not in out:
                 out.append(vec)
                 break
     return out
 
 
-def _shift_to_mean(logit: np.ndarray, target: float) -> np.ndarray:
-    """Probabilities sigmoid(logit + c) with c found by bisection so that their mean is `target`."""
+def _level_costs(n_layers: int, levels: list[int], weight_fn: Callable[[list[int]], float]) -> np.ndarray:
+    """(layers, levels) extra memory of putting one layer at each level, the others at the lowest."""
+    lowest = [levels[0]] * n_layers
+    base = weight_fn(lowest)
+    rows = [[weight_fn(lowest[:i] + [b] + lowest[i + 1:]) - base for b in levels] for i in range(n_layers)]
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _expected_cost(probs: np.ndarray, costs: np.ndarray) -> float:
+    """Expected extra memory when layer l's level index is the randomised rounding of probs[l] * (k-1)."""
+    pos = probs * (costs.shape[1] - 1)
+    lo = np.minimum(np.floor(pos).astype(int), costs.shape[1] - 2)
+    frac = pos - lo
+    rows = np.arange(len(probs))
+    return float(((1 - frac) * costs[rows, lo] + frac * costs[rows, lo + 1]).sum())
+
+
+def _shift_to_budget(logit: np.ndarray, costs: np.ndarray, budget: float) -> np.ndarray:
+    """Probabilities sigmoid(logit + c), c found by bisection so that the expected extra memory is `budget`."""
     lo, hi = -50.0, 50.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if (1 / (1 + np.exp(-(logit + mid)))).mean() < target:
+        if _expected_cost(1 / (1 + np.exp(-(logit + mid))), costs) < budget:
             lo = mid
         else:
             hi = mid
@@ -163,13 +189,16 @@ def importance_task(cfg_dict: dict, pruned_path: str) -> list[float]:
     return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=pruned_path)
 
 
-def layer_importance(model, tokenizer, cfg: Config, method: str, pruned_path: Optional[str] = None) -> list[float]:
+def layer_importance(model, tokenizer, cfg: Config, method: str, cache_dir: Optional[str | Path] = None,
+                     pruned_path: Optional[str] = None) -> list[float]:
     """One score per decoder layer, higher = needs more precision (methods: mi, quant_loss, taylor)."""
     if method == "taylor":
         return taylor_importance(pruned_path)
     if method == "quant_loss":
-        return quant_loss_importance(model, tokenizer, cfg)
-    return mi_importance(model, tokenizer, cfg)
+        return quant_loss_importance(model, tokenizer, cfg, cache_dir)
+    if method == "mi":
+        return mi_importance(model, tokenizer, cfg, cache_dir)
+    raise ConfigError("search.importance", f"unknown method {method!r}; use mi, quant_loss or taylor")
 
 
 def taylor_importance(pruned_path: Optional[str]) -> list[float]:
@@ -178,11 +207,16 @@ def taylor_importance(pruned_path: Optional[str]) -> list[float]:
     return [float(x) for x in meta["layer_importance"]]
 
 
-def labelled_prompts(cfg: Config, limit: int) -> list[tuple[str, int, int]]:
-    """(prompt, label, task index) from the validation tasks' docs: the task signal for MI."""
+def labelled_prompts(cfg: Config, limit: int, cache_dir: Optional[str | Path] = None) -> list[tuple[str, int, int]]:
+    """(prompt, label, task index) from the validation tasks' docs: the task signal for MI.
+
+    lm-eval's own task objects give the docs, so any lm-eval task (builtin YAML or hub) works the
+    same way, with its own prompt template and gold answer; the held-out *_val twins keep the test
+    split unseen.
+    """
     from qpruner.evaluate import load_tasks, validation_tasks
 
-    tasks = load_tasks(*validation_tasks(cfg))
+    tasks = load_tasks(*validation_tasks(cfg, cache_dir))
     rows = []
     for t_index, task in enumerate(tasks["tasks"].values()):
         for doc in list(task.eval_docs)[:limit]:
@@ -192,7 +226,8 @@ def labelled_prompts(cfg: Config, limit: int) -> list[tuple[str, int, int]]:
     return rows
 
 
-def mi_importance(model, tokenizer, cfg: Config, components: int = 8, limit: int = 128) -> list[float]:
+def mi_importance(model, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None, components: int = 8,
+                  limit: int = 128) -> list[float]:
     """Mutual-information importance: how much task information each layer ADDS to the residual stream.
 
     For labelled task prompts, take each layer's output at the last prompt token, project it to a few
@@ -204,7 +239,7 @@ def mi_importance(model, tokenizer, cfg: Config, components: int = 8, limit: int
     from sklearn.decomposition import PCA
     from sklearn.feature_selection import mutual_info_classif
 
-    rows = labelled_prompts(cfg, limit)
+    rows = labelled_prompts(cfg, limit, cache_dir)
     device = next(model.parameters()).device
     states: list[list[np.ndarray]] = []
     model.eval()
@@ -230,7 +265,7 @@ def mi_importance(model, tokenizer, cfg: Config, components: int = 8, limit: int
     return [float(max(g, floor)) for g in gain]
 
 
-def quant_loss_importance(model, tokenizer, cfg: Config) -> list[float]:
+def quant_loss_importance(model, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> list[float]:
     """Increase in LM loss on calibration text when only that layer is quantized to the lowest bit-width."""
     import copy
 
@@ -239,7 +274,7 @@ def quant_loss_importance(model, tokenizer, cfg: Config) -> list[float]:
     from qpruner.data import calibration_texts
     from qpruner.quantize import quantize_model
 
-    texts = calibration_texts(cfg.prune.calibration, cfg.output.cache)
+    texts = calibration_texts(cfg.prune.calibration, Path(cache_dir or cfg.output.cache))
     device = next(model.parameters()).device
     batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.prune.calibration.seq_len)
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -45,6 +45,24 @@ def test_first_configs_have_anchors_spread_and_no_duplicates():
     assert max(memory) - min(memory) >= 12  # spread over budgets: at least 3 layers' worth 4 -> 8
 
 
+def test_three_bit_widths_and_memory_weights():
+    configs = [c for seed in range(10) for c in initial_configs([1, 1, 1, 9, 9, 9], [4, 8, 16], 5, 1.0, seed, anchors=False)]
+    mean_bits = np.mean(configs, axis=0)
+    assert mean_bits[3:].min() > mean_bits[:3].max(), mean_bits
+    assert {b for c in configs for b in c} == {4, 8, 16}
+    # layer 5 holds most of the memory: budgets from 20% to 80% are met on average in weight_fn's units
+    weights = [1, 1, 1, 1, 1, 10]
+
+    def weight_fn(bits):
+        return sum(w * b for w, b in zip(weights, bits))
+
+    low, high = weight_fn([4] * 6), weight_fn([8] * 6)
+    share = np.array([[(weight_fn(c) - low) / (high - low) for c in initial_configs([1] * 6, [4, 8], 4, 1.0, seed,
+                                                                                    anchors=False, weight_fn=weight_fn)]
+                      for seed in range(40)]).mean(axis=0)
+    assert np.all(np.diff(share) > 0) and abs(share[0] - 0.2) < 0.1 and abs(share[-1] - 0.8) < 0.1, share
+
+
 def test_random_init_is_seeded_and_differs():
     a = random_configs(8, [4, 8], 5, seed=1)
     assert a == random_configs(8, [4, 8], 5, seed=1)
@@ -85,6 +103,62 @@ def test_multi_objective_search_runs_first_points_first(ray_local, tmp_path, sam
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.params for t in trials[:2]] == first
     assert all(t.values is not None and len(t.values) == 2 for t in trials)
+
+
+def test_searcher_tells_optuna_about_stopped_and_failed_trials(ray_local, tmp_path):
+    """ASHA-stopped trials reach Optuna as COMPLETE with their last report; a crash reaches it as FAIL."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    def toy_trainable(config):
+        bits = bits_from_config(config, 3)
+        if bits == [4, 4, 4]:
+            raise RuntimeError("boom")
+        for step in range(4):
+            acc = 0.1 * sum(bits) / 4 + 0.01 * step
+            tune.report({"val_acc": acc, "accuracy": acc, "memory_gb": sum(bits) / 100})
+
+    cfg = config_from_dict({"search": {"sampler": "tpe", "concurrency": 1, "seed": 1}})
+    first = [config_from_bits(b) for b in ([8, 8, 8], [4, 4, 4], [4, 4, 8], [4, 8, 8], [8, 4, 4], [8, 8, 4])]
+    searcher = make_searcher(cfg, 3, first)
+    scheduler = ASHAScheduler(metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    grid = tune.Tuner(
+        toy_trainable,
+        param_space=param_space(3, [4, 8]),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=6),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
+    ).fit()
+    assert grid.num_errors == 1
+    trials = {tuple(bits_from_config(t.params, 3)): t for t in searcher.searcher._ot_study.trials}
+    assert trials[(4, 4, 4)].state == optuna.trial.TrialState.FAIL
+    stopped = [r for r in grid if r.error is None and r.metrics["training_iteration"] < 4]
+    assert stopped, "ASHA stopped nothing"
+    for r in stopped:  # told with the last reported values, not the final ones
+        t = trials[tuple(bits_from_config(r.config, 3))]
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        assert t.values == [r.metrics["accuracy"], r.metrics["memory_gb"]]
+        assert t.intermediate_values == {}  # multi-objective: OptunaSearch drops intermediate reports
+
+
+def test_rank_search_accepts_bit_only_first_points(ray_local, tmp_path):
+    from ray import tune
+
+    def toy_trainable(config):
+        ranks = ranks_from_config(config, 2)
+        tune.report({"accuracy": sum(ranks) / 32, "memory_gb": sum(bits_from_config(config, 2)) / 100})
+
+    cfg = config_from_dict({"search": {"sampler": "random", "concurrency": 1, "ranks": [4, 8, 16]}})
+    searcher = make_searcher(cfg, 2, [config_from_bits([8, 4])])
+    grid = tune.Tuner(
+        toy_trainable,
+        param_space=param_space(2, [4, 8], cfg.search.ranks),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="ranks", verbose=0),
+    ).fit()
+    assert grid.num_errors == 0
+    first = min(searcher.searcher._ot_study.trials, key=lambda t: t.number)
+    assert bits_from_config(first.params, 2) == [8, 4] and ranks_from_config(first.params, 2) == [8, 8]  # lora.rank
 
 
 @pytest.mark.parametrize("method", ["mi", "quant_loss", "taylor"])
