@@ -72,6 +72,10 @@ def quantize_linear(linear: nn.Linear, bits: int, settings: dict, device: str) -
             linear.weight.data.to(compute), requires_grad=False, blocksize=settings.get("blocksize", 64),
             compress_statistics=settings.get("double_quant", True), quant_type=settings.get("quant_type", "nf4"),
         )
+        # bitsandbytes' AVX512-BF16 CPU kernel repacks the weight (bf16 absmax) at the first no-grad forward and
+        # fails on pruned widths (it needs out % 32 == 0, in % blocksize == 0): the plain kernel gives the same
+        # numbers on every CPU and on CUDA, so trials and exported models score alike everywhere.
+        new.support_avx512bf16_for_cpu = False
     elif bits == 8:
         new = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
