@@ -1,17 +1,32 @@
 """Memory of a trial: exact quantized-weight bytes from the bit vector, LoRA bytes, an analytic
-fine-tuning peak, and on CUDA the measured peak (the search minimises measured, else estimated)."""
+fine-tuning peak, and on CUDA the measured peak (the search minimises measured, else estimated).
+
+Weight bytes are computed from shapes alone, so they are known before a model is quantized:
+`model_shapes(model)` works on a full-precision, a quantized or a peft-wrapped model alike.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
 from qpruner.config import Config, QuantConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_CODE = 16  # fp32 entries of the 4-bit code table every QuantState holds
+BLOCKWISE_CODE = 256  # fp32 entries of the 8-bit dynamic code used for double quantization
+DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level block (bitsandbytes' fixed choice)
+
+
+@dataclass
+class ModelShapes:
+    """What weight bytes depend on: each decoder layer's Linears (out, in, has_bias) and the other bytes."""
+
+    layers: list[list[tuple[int, int, bool]]]
+    other_bytes: int  # embeddings, norms, lm_head, as stored
 
 
 @dataclass
@@ -20,10 +35,13 @@ class MemoryReport:
     lora_bytes: int
     peak_estimate_bytes: int
     peak_measured_bytes: Optional[int]
+    source: Literal["measured", "estimated"]
 
-    @property
-    def source(self) -> str:
-        return "measured" if self.peak_measured_bytes else "estimated"
+    @classmethod
+    def from_cuda(cls, weight_bytes: int, lora_bytes: int, peak_estimate_bytes: int) -> "MemoryReport":
+        """Report with torch.cuda.max_memory_allocated as the measured peak when CUDA is present."""
+        measured = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        return cls(weight_bytes, lora_bytes, peak_estimate_bytes, measured or None, "measured" if measured else "estimated")
 
     @property
     def objective_bytes(self) -> int:
@@ -35,75 +53,110 @@ class MemoryReport:
 
 
 def linear_bytes(out_features: int, in_features: int, bits: int, qcfg: QuantConfig) -> int:
-    """Bytes bitsandbytes holds for one Linear weight, quantization constants included.
+    """Bytes bitsandbytes holds for one Linear weight (bias excluded), quantization constants included.
 
-    4-bit: packed nibbles + per-block absmax (fp32, or with double quantization uint8 per block plus
-    fp32 per 256 blocks, a 256-entry fp32 code and an fp32 offset) + the 16-entry fp32 code.
-    8-bit: int8 weights + one fp32 scale per output row. 16: the compute dtype.
+    4-bit: packed nibbles + the 16-entry fp32 code + per-block absmax: fp32 per block, or with double
+    quantization uint8 per block + fp32 absmax per 256 blocks + the 256-entry fp32 code + an fp32 offset.
+    8-bit: int8 weights + one fp32 scale (SCB) per output row. 16: the compute dtype.
     """
     n = out_features * in_features
     if bits == 4:
         blocks = math.ceil(n / qcfg.blocksize)
-        absmax = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if qcfg.double_quant else blocks * 4
-        return math.ceil(n / 2) + absmax + 16 * 4
+        if qcfg.double_quant:
+            absmax = blocks + 4 * (math.ceil(blocks / DOUBLE_QUANT_BLOCK) + BLOCKWISE_CODE + 1)
+        else:
+            absmax = 4 * blocks
+        return math.ceil(n / 2) + absmax + 4 * NF4_CODE
     if bits == 8:
-        return n + out_features * 4
-    return n * DTYPE_BYTES[qcfg.compute_dtype]
+        return n + 4 * out_features
+    if bits == 16:
+        return n * DTYPE_BYTES[qcfg.compute_dtype]
+    raise ValueError(f"unsupported bit-width {bits}; qpruner uses 4, 8 or 16")
 
 
-
-
-def weight_bytes(model, bits: Sequence[int], qcfg: QuantConfig) -> int:
-    """Exact bytes of the quantized model: decoder Linears at their bits, everything else as stored."""
+def _unwrap(model):
+    """The transformers CausalLM inside a peft model (or the model itself)."""
     base = getattr(model, "base_model", None)
-    base = base.model if base is not None and hasattr(base, "model") else model
-    layers = base.model.layers
-    compute = DTYPE_BYTES[qcfg.compute_dtype]
-    total = 0
-    linear_params = set()
-    for layer, b in zip(layers, bits):
+    return base.model if base is not None and hasattr(base, "peft_config") else model
+
+
+def model_shapes(model) -> ModelShapes:
+    """Decoder Linear shapes and the bytes of everything else, skipping LoRA factors and peft wrappers."""
+    base = _unwrap(model)
+    counted = set()
+    layers = []
+    for layer in base.model.layers:
+        shapes = []
         for name, module in layer.named_modules():
-            is_base = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-            if not is_base or "lora_" in name or hasattr(module, "base_layer"):
-                continue  # LoRA factors and peft wrappers: counted by lora_bytes / via their base layer
-            total += linear_bytes(module.out_features, module.in_features, b, qcfg)
-            linear_params.add(id(module.weight))
-            if module.bias is not None:
-                total += module.bias.numel() * compute
-                linear_params.add(id(module.bias))
-    for name, p in base.named_parameters():
-        if id(p) not in linear_params and "lora_" not in name:
-            total += p.numel() * compute
-    return total
+            if not isinstance(module, torch.nn.Linear) or "lora_" in name:
+                continue  # bnb Linear4bit / Linear8bitLt are nn.Linear subclasses; peft wrappers are not
+            shapes.append((module.out_features, module.in_features, module.bias is not None))
+            counted.update(id(p) for p in module.parameters(recurse=False))
+        layers.append(shapes)
+    other = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
+                if id(p) not in counted and "lora_" not in n)
+    return ModelShapes(layers, other)
+
+
+def weight_bytes(model_or_shapes, bits: Sequence[int], qcfg: QuantConfig) -> dict:
+    """Exact bytes of the quantized model: {"layers": per-layer bytes, "other": unquantized rest, "total"}.
+
+    Decoder Linears at their layer's bits (biases in the compute dtype), the rest as stored.
+    """
+    shapes = model_or_shapes if isinstance(model_or_shapes, ModelShapes) else model_shapes(model_or_shapes)
+    if len(bits) != len(shapes.layers):
+        raise ValueError(f"{len(bits)} bit-widths for {len(shapes.layers)} decoder layers")
+    compute = DTYPE_BYTES[qcfg.compute_dtype]
+    per_layer = [sum(linear_bytes(o, i, b, qcfg) + (o * compute if bias else 0) for o, i, bias in layer)
+                 for layer, b in zip(shapes.layers, bits)]
+    return {"layers": per_layer, "other": shapes.other_bytes, "total": sum(per_layer) + shapes.other_bytes}
 
 
 def lora_bytes(model) -> int:
-    """Trainable (LoRA) parameters, stored in float32."""
+    """Bytes of the trainable (LoRA) parameters as stored."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def peak_estimate(model, weights: int, lora: int, cfg: Config) -> int:
-    """Analytic fine-tuning peak: weights + LoRA params, grads and two AdamW states (4x LoRA bytes) +
-    activations kept for backward at micro batch x max length (no gradient checkpointing): per layer
-    about 34*h + 5*heads*L bytes-per-token in 16-bit (Korthikanti et al. 2022) scaled to the compute
-    dtype, with the MLP term from the layer's real intermediate size, plus the fp32 logits twice."""
-    cfg_m = model.config
-    b, L = cfg.finetune.micro_batch_size, cfg.finetune.max_length
-    scale = DTYPE_BYTES[cfg.quant.compute_dtype] / 2
-    base = getattr(model, "base_model", None)
-    layers = (base.model if base is not None else model).model.layers
-    acts = 0
-    for layer in layers:
-        inter = layer.mlp.down_proj.in_features
-        heads = layer.self_attn.q_proj.out_features // cfg_m.head_dim
-        per_token = 10 * cfg_m.hidden_size + 8 * inter + 2 * 3 * heads * cfg_m.head_dim + 5 * heads * L
-        acts += b * L * per_token * scale
-    logits = 2 * b * L * cfg_m.vocab_size * 4
-    return int(weights + 4 * lora + acts + logits)
+def activation_bytes(model, cfg: Config) -> int:
+    """Activations autograd keeps for one micro-batch (no gradient checkpointing, eager attention).
+
+    Per token and decoder layer, in compute-dtype elements: 2 RMSNorm inputs/outputs (4h), q, k, v
+    and their RoPE copies (2q + 3kv), attention output (q), MLP gate, up, act(gate), product (4I),
+    the attention probabilities (heads * L), and with LoRA dropout one dropped copy of each adapted
+    Linear's input. Plus fp32 logits and their log-softmax (2 * V * 4 bytes per token).
+    """
+    base = _unwrap(model)
+    config = base.config
+    b, seq = cfg.finetune.micro_batch_size, cfg.finetune.max_length
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h = config.hidden_size
+    elements = 0
+    for layer in base.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, kv, inter = attn.q_proj.out_features, attn.k_proj.out_features, mlp.gate_proj.out_features
+        heads = q // head_dim
+        per_token = 4 * h + 3 * q + 3 * kv + 4 * inter + heads * seq
+        if cfg.lora.dropout > 0:
+            per_token += sum(m.in_features for n, m in layer.named_modules()
+                             if n.split(".")[-1] in cfg.lora.target_modules and hasattr(m, "in_features"))
+        elements += per_token
+    logits = 2 * config.vocab_size * 4
+    return b * seq * (elements * DTYPE_BYTES[cfg.quant.compute_dtype] + logits)
+
+
+def finetune_peak_estimate(model, weights: int, lora: int, cfg: Config) -> int:
+    """Analytic fine-tuning peak: weights + LoRA params + their grads + AdamW's two fp32 states
+    (lora + lora + 2 * 4 bytes per trainable param) + activation_bytes. Ignores allocator slack,
+    dequantization scratch and the CUDA context, so measured peaks run somewhat higher."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(weights + 2 * lora + 8 * trainable + activation_bytes(model, cfg))
 
 
 def memory_report(peft_model, bits: Sequence[int], cfg: Config, device: Optional[str] = None) -> MemoryReport:
-    weights = weight_bytes(peft_model, bits, cfg.quant)
+    """Weights, LoRA, the estimated peak and, on CUDA, the measured peak since the last reset."""
+    weights = weight_bytes(peft_model, bits, cfg.quant)["total"]
     lora = lora_bytes(peft_model)
-    measured = torch.cuda.max_memory_allocated() if device == "cuda" and torch.cuda.is_available() else None
-    return MemoryReport(weights, lora, peak_estimate(peft_model, weights, lora, cfg), measured or None)
+    estimate = finetune_peak_estimate(peft_model, weights, lora, cfg)
+    if device == "cuda":
+        return MemoryReport.from_cuda(weights, lora, estimate)
+    return MemoryReport(weights, lora, estimate, None, "estimated")

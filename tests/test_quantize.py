@@ -1,146 +1,149 @@
-"""Per-layer quantization, LoftQ at each layer's bits, and memory accounting on real pruned tiny weights."""
+"""Per-layer bitsandbytes quantization: bit vectors, real bnb modules, peft's bnb LoRA layers, CPU training."""
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from torch import nn
 
 from qpruner.config import config_from_dict
 from qpruner.errors import QPrunerError
-from qpruner.loftq import loftq_for_model, loftq_matrix, quant_dequant
-from qpruner.memory import linear_bytes, weight_bytes
-from qpruner.prune import load_pruned, prune_cached
+from qpruner.loftq import loftq_for_model, quant_dequant
 from qpruner.quantize import lora_config_for, parse_bits, quantize_model, validate_bits
 
-
-@pytest.fixture(scope="module")
-def pruned(tiny_assets):
-    cfg = config_from_dict({"prune": {"ratio": 0.3}})
-    return cfg, prune_cached(cfg, progress=False).path
+torch.set_num_threads(1)
 
 
-def held_bytes(model) -> int:
-    """Bytes actually held by the quantized model's tensors, bitsandbytes constants included."""
-    total = 0
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            total += p.numel() * p.element_size()
-            state = getattr(p, "quant_state", None)
-            if state is not None:
-                total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * 4
-                if state.nested:
-                    s2 = state.state2
-                    total += s2.absmax.numel() * 4 + s2.code.numel() * 4 + 4  # + fp32 offset
-            scb = getattr(p, "SCB", None)
-            if scb is not None:
-                total += scb.numel() * scb.element_size()
-    return total
+def irregular_llama(seed: int = 0):
+    """A random 6-layer GQA LLaMA (hidden 128, 4 heads / 2 kv heads of 32) with hand-shrunk layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    for i, (heads, kv, inter) in {1: (2, 1, 96), 3: (4, 2, 161), 4: (2, 2, 64)}.items():
+        attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+        attn.q_proj, attn.o_proj = nn.Linear(128, heads * 32, bias=False), nn.Linear(heads * 32, 128, bias=False)
+        attn.k_proj, attn.v_proj = nn.Linear(128, kv * 32, bias=False), nn.Linear(128, kv * 32, bias=False)
+        attn.num_key_value_groups = heads // kv
+        mlp.gate_proj, mlp.up_proj = nn.Linear(128, inter, bias=False), nn.Linear(128, inter, bias=False)
+        mlp.down_proj = nn.Linear(inter, 128, bias=False)
+    return model.eval()
 
 
-@pytest.mark.parametrize("bits", [[4] * 6, [8] * 6, [16] * 6, [4, 8, 16, 4, 8, 16]])
-def test_weight_bytes_are_exact(pruned, bits):
-    cfg, path = pruned
-    cfg = config_from_dict({"quant": {"bits": [4, 8, 16]}})
-    model, _ = load_pruned(path)
-    quantize_model(model, bits, cfg.quant)
-    assert weight_bytes(model, bits, cfg.quant) == held_bytes(model)
+def dequantized(module) -> torch.Tensor:
+    """The float32 weight a bnb module computes with."""
+    import bitsandbytes.functional as F
 
-
-def test_weight_bytes_grow_with_any_layer_and_sum_over_layers(pruned):
-    cfg, path = pruned
-    model, _ = load_pruned(path)
-    base = [4] * 6
-    for layer in range(6):
-        sizes = []
-        for b in (4, 8, 16):
-            bits = list(base)
-            bits[layer] = b
-            sizes.append(weight_bytes(model, bits, cfg.quant))
-        assert sizes[0] < sizes[1] < sizes[2]
-        per_layer = sum(linear_bytes(m.out_features, m.in_features, 8, cfg.quant) - linear_bytes(m.out_features, m.in_features, 4, cfg.quant)
-                        for m in model.model.layers[layer].modules() if isinstance(m, torch.nn.Linear))
-        assert sizes[1] - sizes[0] == per_layer
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_loftq_beats_plain_quantization_and_more_iterations_do_not_hurt(pruned, bits):
-    cfg, path = pruned
-    model, _ = load_pruned(path)
-    errors = []
-    for name in ("self_attn.q_proj", "mlp.down_proj"):
-        w = model.model.layers[2].get_submodule(name).weight.data
-        plain = (w - quant_dequant(w, bits, cfg.quant)).norm().item()
-        by_iters = []
-        for iters in (1, 2, 4):
-            init = loftq_matrix(w, bits, 8, iters, cfg.quant, scaling=2.0)
-            approx = quant_dequant(init.residual(w), bits, cfg.quant) + 2.0 * init.lora_B @ init.lora_A
-            by_iters.append((w - approx).norm().item())
-        errors.append((name, plain, by_iters))
-        assert by_iters[0] < plain
-        assert by_iters[1] <= by_iters[0] * 1.001 and by_iters[2] <= by_iters[1] * 1.001
-    print(bits, errors)
-
-
-def test_loftq_cache_reuses_seen_layer_bits(pruned, tmp_path):
-    cfg, path = pruned
-    model, _ = load_pruned(path)
-    first, s1 = loftq_for_model(model, [4, 4, 8, 8, 4, 4], cfg, tmp_path, "k")
-    assert s1.svds == len(first) and s1.hits == 0
-    second, s2 = loftq_for_model(model, [4, 4, 8, 8, 8, 8], cfg, tmp_path, "k")  # layers 0-3 seen at these bits
-    layers_done = {int(n.split(".")[2]) for n in s2.computed}
-    assert layers_done == {4, 5}
-    assert s2.hits == sum(1 for n in second if int(n.split(".")[2]) < 4)
-    for name in second:
-        if int(name.split(".")[2]) < 4:
-            assert torch.equal(second[name].lora_A, first[name].lora_A)
-
-
-def test_peft_uses_bnb_lora_layers_and_trains_mixed_bits(pruned):
-    from peft import get_peft_model
-    from peft.tuners.lora import bnb as lora_bnb
-
-    cfg, path = pruned
-    model, tok = load_pruned(path)
-    bits = [4, 8, 4, 8, 16, 8]
-    inits, _ = loftq_for_model(model, bits, cfg, cfg.output.cache, path.name)
-    quantize_model(model, bits, cfg.quant, residual_weights=inits)
-    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model))
-    layers = peft_model.base_model.model.model.layers
-    assert isinstance(layers[0].self_attn.q_proj, lora_bnb.Linear4bit)
-    assert isinstance(layers[1].mlp.up_proj, lora_bnb.Linear8bitLt)
-    assert not isinstance(layers[4].self_attn.q_proj, (lora_bnb.Linear4bit, lora_bnb.Linear8bitLt))
-    ids = tok("the bakof lives in the forest .", return_tensors="pt").input_ids
-    loss = peft_model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-def test_loftq_adapters_bring_the_quantized_model_closer(pruned):
-    from peft import get_peft_model
-
-    from qpruner.loftq import apply_loftq_adapters
-
-    cfg, path = pruned
-    full, tok = load_pruned(path)
-    ids = tok("the bakof lives in the forest . the bakof eats fish .", return_tensors="pt").input_ids
-    target = full(ids).logits
-    outputs = {}
-    for use_loftq in (False, True):
-        model, _ = load_pruned(path)
-        inits, _ = loftq_for_model(model, [4] * 6, cfg, cfg.output.cache, path.name) if use_loftq else ({}, None)
-        quantize_model(model, [4] * 6, cfg.quant, residual_weights=inits)
-        peft_model = get_peft_model(model, lora_config_for(cfg.lora, model))
-        apply_loftq_adapters(peft_model, inits)
-        outputs[use_loftq] = (peft_model(ids).logits - target).norm().item()
-    assert outputs[True] < outputs[False]
+    if isinstance(module, bnb.nn.Linear4bit):
+        return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return F.int8_vectorwise_dequant(module.weight.data, scb).float()
+    return module.weight.data.float()
 
 
 def test_bad_bit_vectors_are_one_line():
-    with pytest.raises(QPrunerError, match="got 3 entries, the pruned model has 6 decoder layers"):
+    with pytest.raises(QPrunerError, match=r"^bits: got 3 entries, the pruned model has 6 decoder layers$"):
         validate_bits([4, 8, 4], 6, [4, 8])
-    with pytest.raises(QPrunerError, match=r"bits\[1\]=16 is not in quant.bits \[4, 8\]"):
+    with pytest.raises(QPrunerError, match=r"^bits\[1\]=16 is not in quant.bits \[4, 8\]"):
         validate_bits([4, 16, 4, 4, 4, 4], 6, [4, 8])
+    with pytest.raises(QPrunerError, match=r"^bits\[0\]=4.5 is not in quant.bits"):
+        validate_bits([4.5, 8], 2, [4, 8])
     with pytest.raises(QPrunerError, match="comma-separated"):
         parse_bits("4,eight", 6, [4, 8])
+    with pytest.raises(QPrunerError, match=r"bits\[0\]=5 is not in"):
+        parse_bits("uniform:5", 3, [4, 8])
     assert parse_bits("uniform:8", 3, [4, 8]) == [8, 8, 8]
+    assert parse_bits("4, 8,16", 3, [4, 8, 16]) == [4, 8, 16]
+    assert validate_bits((8.0, 4), 2, [4, 8]) == [8, 4]
+
+
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128)])
+def test_every_decoder_linear_gets_its_layers_bnb_module(quant_type, double_quant, blocksize):
+    qcfg = config_from_dict({"quant": {"bits": [4, 8, 16], "quant_type": quant_type,
+                                       "double_quant": double_quant, "blocksize": blocksize}}).quant
+    model = irregular_llama()
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    bits = [4, 8, 16, 4, 8, 16]
+    quantize_model(model, bits, qcfg)
+    assert model.is_loaded_in_4bit and model.is_loaded_in_8bit
+    for i, layer in enumerate(model.model.layers):
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        assert len(linears) == 7
+        for m in linears:
+            if bits[i] == 4:
+                assert type(m) is bnb.nn.Linear4bit and m.weight.bnb_quantized
+                state = m.weight.quant_state
+                assert (state.quant_type, state.blocksize, state.nested) == (quant_type, blocksize, double_quant)
+                assert m.compute_dtype == torch.float32
+            elif bits[i] == 8:
+                assert type(m) is bnb.nn.Linear8bitLt and m.weight.dtype == torch.int8
+                assert m.state.threshold == 0.0 and not m.state.has_fp16_weights
+            else:
+                assert type(m) is nn.Linear and m.weight.dtype == torch.float32
+    for name, m in model.named_modules():  # shapes unchanged, even the hand-shrunk layers
+        if isinstance(m, nn.Linear):
+            assert (m.out_features, m.in_features) == shapes[name]
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_base_weight_is_exactly_what_loftq_assumed(tmp_path):
+    """The bnb module's dequantized weight equals quant_dequant(W - B_{T-1} A_{T-1}) bit for bit."""
+    cfg = config_from_dict({"quant": {"bits": [4, 8, 16]}, "lora": {"loftq_iters": 2, "rank": 4}})
+    model = irregular_llama()
+    bits = [4, 8, 4, 8, 16, 4]
+    inits, _ = loftq_for_model(model, bits, cfg, tmp_path, "irregular")
+    expected = {n: quant_dequant(init.residual(model.get_submodule(n).weight.data), bits[int(n.split(".")[2])], cfg.quant)
+                for n, init in inits.items()}
+    assert all(init.prev_B is not None for init in inits.values())
+    quantize_model(model, bits, cfg.quant, residual_weights=inits)
+    for name, want in expected.items():
+        assert torch.equal(dequantized(model.get_submodule(name)), want), name
+
+
+def test_peft_wraps_bnb_layers_with_its_bnb_lora_classes_and_mixed_bits_train_on_cpu(tmp_path):
+    from peft import get_peft_model
+    from peft.tuners.lora import bnb as lora_bnb
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from qpruner.loftq import apply_loftq_adapters
+
+    cfg = config_from_dict({"quant": {"bits": [4, 8, 16]}})
+    model = irregular_llama()
+    bits = [4, 8, 16, 4, 8, 16]
+    ranks = [8, 4, 8, 2, 8, 8]
+    inits, _ = loftq_for_model(model, bits, cfg, tmp_path, "irregular", ranks=ranks)
+    quantize_model(model, bits, cfg.quant, residual_weights=inits)
+    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model, ranks))
+    apply_loftq_adapters(peft_model, inits, cfg.lora, ranks=ranks)
+    layers = peft_model.base_model.model.model.layers
+    for i, layer in enumerate(layers):
+        adapted = [m for n, m in layer.named_modules() if n.split(".")[-1] in cfg.lora.target_modules]
+        assert len(adapted) == 7
+        for module in adapted:
+            want = {4: lora_bnb.Linear4bit, 8: lora_bnb.Linear8bitLt, 16: LoraLinear}[bits[i]]
+            assert type(module) is want, (i, type(module))
+            assert module.lora_A["default"].weight.shape[0] == ranks[i]
+    peft_model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert grads and all(n.count("lora_") == 1 for n in grads)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # LoftQ B is non-zero, so A gets gradients too on every quantized layer
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n and bits[int(n.split("layers.")[1].split(".")[0])] < 16)
+
+
+def test_unsupported_embedding_quantization_is_one_line():
+    cfg = config_from_dict({"quant": {"quantize_lm_head": True}})
+    with pytest.raises(QPrunerError, match="quant.quantize_embeddings / quant.quantize_lm_head"):
+        quantize_model(irregular_llama(), [4] * 6, cfg.quant)
+    with pytest.raises(QPrunerError, match="bits: got 2 entries"):
+        quantize_model(irregular_llama(), [4, 8], config_from_dict({}).quant)

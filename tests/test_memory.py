@@ -1,0 +1,142 @@
+"""Memory accounting: exact quantized-weight bytes against real bnb tensors, monotonicity, reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qpruner.config import config_from_dict
+from qpruner.memory import (MemoryReport, activation_bytes, finetune_peak_estimate, linear_bytes, lora_bytes,
+                            memory_report, model_shapes, weight_bytes)
+from qpruner.prune import load_pruned, prune_cached
+from qpruner.quantize import lora_config_for, quantize_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_assets):
+    cfg = config_from_dict({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}})
+    return cfg, prune_cached(cfg, progress=False).path
+
+
+def held_bytes(model) -> int:
+    """Bytes the model's tensors really hold: parameters plus every bnb QuantState / SCB tensor."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            add(p)
+            state = getattr(p, "quant_state", None)
+            if state is not None:
+                for t in (state.absmax, state.code, state.offset if state.nested else None):
+                    add(t)
+                if state.nested:
+                    add(state.state2.absmax)
+                    add(state.state2.code)
+            add(getattr(p, "SCB", None))
+        state8 = getattr(module, "state", None)
+        add(getattr(state8, "SCB", None) if state8 is not None and not isinstance(state8, dict) else None)
+    return total
+
+
+QUANT = [{}, {"double_quant": False}, {"quant_type": "fp4", "blocksize": 128}, {"compute_dtype": "bfloat16"}]
+
+
+@pytest.mark.parametrize("bits", [[4] * 6, [8] * 6, [16] * 6, [4, 8, 16, 4, 8, 16], [16, 4, 4, 8, 8, 4]])
+@pytest.mark.parametrize("quant", QUANT)
+def test_weight_bytes_equal_the_bytes_real_bnb_modules_hold(pruned, bits, quant):
+    cfg, path = pruned
+    qcfg = config_from_dict({"quant": {"bits": [4, 8, 16], **quant}}).quant
+    model, _ = load_pruned(path, dtype=qcfg.compute_dtype)
+    predicted = weight_bytes(model, bits, qcfg)  # before quantization, from shapes
+    quantize_model(model, bits, qcfg)
+    assert predicted == weight_bytes(model, bits, qcfg)
+    assert predicted["total"] == held_bytes(model)
+    with torch.no_grad():  # a forward moves Linear8bitLt's SCB into its state: still counted once
+        model(torch.tensor([[1, 5, 9, 3]]))
+    assert held_bytes(model) == predicted["total"]
+
+
+def test_weight_bytes_grow_with_any_single_layer_and_sum_over_layers(pruned):
+    cfg, path = pruned
+    model, _ = load_pruned(path)
+    shapes = model_shapes(model)
+    assert len(shapes.layers) == 6 and all(len(layer) == 7 for layer in shapes.layers)
+    embed = model.model.embed_tokens.weight
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    assert shapes.other_bytes == 2 * embed.numel() * 4 + norms  # embeddings + untied lm_head + norms, fp32
+    for base in ([4] * 6, [8] * 6, [4, 16, 8, 4, 8, 16]):
+        for layer in range(6):
+            sizes = []
+            for b in (4, 8, 16):
+                bits = list(base)
+                bits[layer] = b
+                report = weight_bytes(shapes, bits, cfg.quant)
+                assert report["total"] == sum(report["layers"]) + report["other"]
+                assert report["layers"][layer] == sum(linear_bytes(o, i, b, cfg.quant) for o, i, _ in shapes.layers[layer])
+                sizes.append(report["total"])
+            assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_linear_bytes_by_hand():
+    qcfg = config_from_dict({}).quant  # nf4, blocksize 64, double quant, fp32 compute
+    # 128 x 161: 20608 weights -> 10304 packed bytes, 322 blocks -> 322 uint8 absmax + 2 fp32 second-level
+    # absmax + 256 fp32 code + fp32 offset, + the 16-entry fp32 NF4 code
+    assert linear_bytes(128, 161, 4, qcfg) == 10304 + 322 + 4 * (2 + 256 + 1) + 64
+    assert linear_bytes(128, 161, 8, qcfg) == 20608 + 128 * 4
+    assert linear_bytes(128, 161, 16, qcfg) == 20608 * 4
+
+
+def test_memory_report_on_cpu_is_estimated_and_adds_up(pruned):
+    from peft import get_peft_model
+
+    cfg, path = pruned
+    bits = [4, 8, 16, 4, 8, 4]
+    model, _ = load_pruned(path)
+    quantize_model(model, bits, cfg.quant)
+    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model))
+    report = memory_report(peft_model, bits, cfg, device="cpu")
+    assert report.source == "estimated" and report.peak_measured_bytes is None
+    assert report.weight_bytes == weight_bytes(model_shapes(peft_model), bits, cfg.quant)["total"]
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert report.lora_bytes == lora_bytes(peft_model) == trainable * 4
+    acts = activation_bytes(peft_model, cfg)
+    assert report.peak_estimate_bytes == report.weight_bytes + 2 * report.lora_bytes + 8 * trainable + acts
+    assert report.peak_estimate_bytes == finetune_peak_estimate(peft_model, report.weight_bytes, report.lora_bytes, cfg)
+    assert report.objective_bytes == report.peak_estimate_bytes
+    if not torch.cuda.is_available():
+        assert MemoryReport.from_cuda(1, 2, 3) == MemoryReport(1, 2, 3, None, "estimated")
+
+
+def test_activation_estimate_is_close_to_what_autograd_saves(pruned):
+    """Bytes of the distinct tensors autograd keeps for backward in one real micro-batch vs the formula."""
+    from peft import get_peft_model
+
+    cfg, path = pruned
+    cfg = config_from_dict({"finetune": {"micro_batch_size": 2, "max_length": 64, "batch_size": 2}})
+    model, _ = load_pruned(path)
+    model.config._attn_implementation = "eager"
+    quantize_model(model, [4, 8, 16, 4, 8, 4], cfg.quant)
+    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model)).train()
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    estimate = activation_bytes(peft_model, cfg)
+    print(f"autograd saved {saved} bytes, estimate {estimate} ({estimate / saved:.2f}x)")
+    assert 0.7 * saved < estimate < 1.4 * saved
