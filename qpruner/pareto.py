@@ -1,7 +1,8 @@
 """Trial records -> an Arrow table (results.parquet), the Pareto front (pareto.parquet), hypervolume, plot.
 
-Objectives: accuracy (max) and memory (min). Only completed trials (final evaluation done) can be on
-the front; trials stopped early by ASHA and failed trials are kept in results.parquet with their status.
+Objectives: accuracy (max) and memory_bytes (min). Only completed trials (final evaluation done) can
+be on the front; trials stopped early by ASHA and failed trials stay in results.parquet with their
+status. The hypervolume reference point is chosen once per run and stored in the files' metadata.
 """
 
 from __future__ import annotations
@@ -17,108 +18,182 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FIXED = [
-    ("trial_id", pa.string()), ("status", pa.string()), ("bits", pa.list_(pa.int8())), ("ranks", pa.list_(pa.int16())),
+GB = 1024**3
+TIMINGS = ("quantize_s", "loftq_s", "finetune_s", "eval_s")
+OBJECTIVES = {"accuracy": "max", "memory_bytes": "min"}
+REF_MEMORY_FACTOR = 1.1
+SCHEMA_VERSION = "1"
+
+# The columns every results table has, in this order; `acc_<task>` columns follow. Lists use Parquet's
+# item name 'element' so a table read back has exactly the schema it was written with.
+FIXED = pa.schema([
+    ("trial_id", pa.string()), ("status", pa.string()), ("bits", pa.list_(pa.field("element", pa.int8()))),
+    ("ranks", pa.list_(pa.field("element", pa.int16()))),
     ("accuracy", pa.float64()), ("val_acc", pa.float64()), ("memory_bytes", pa.int64()), ("memory_gb", pa.float64()),
     ("memory_source", pa.string()), ("weight_bytes", pa.int64()), ("lora_bytes", pa.int64()),
     ("peak_estimate_bytes", pa.int64()), ("peak_measured_bytes", pa.int64()), ("train_loss", pa.float64()),
     ("stopped_early", pa.bool_()), ("iterations", pa.int32()), ("steps", pa.int32()), ("max_steps", pa.int32()),
     ("wall_seconds", pa.float64()), ("quantize_s", pa.float64()), ("loftq_s", pa.float64()), ("finetune_s", pa.float64()),
     ("eval_s", pa.float64()), ("error", pa.string()), ("started_at", pa.float64()),
-]
+])
+
+
+# ---------------------------------------------------------------------------------------------
+# The results table.
+
+
+def _column(records: Sequence[dict], name: str) -> list:
+    if name == "stopped_early":
+        return [r.get("status") == "stopped_early" for r in records]
+    if name == "memory_gb":
+        return [None if r.get("memory_bytes") is None else r["memory_bytes"] / GB for r in records]
+    if name in TIMINGS:
+        return [(r.get("timings") or {}).get(name) for r in records]
+    return [r.get(name) for r in records]
 
 
 def results_table(records: Sequence[dict]) -> pa.Table:
-    """One row per trial with a fixed schema plus one `acc_<task>` column per task seen; sorted by start."""
+    """One row per trial: the FIXED columns, then one `acc_<task>` column per task seen; sorted by start.
+
+    The schema metadata holds the objectives and the run's hypervolume reference point.
+    """
     records = sorted(records, key=lambda r: r.get("started_at") or 0.0)
     tasks = sorted({t for r in records for t in (r.get("task_acc") or {})})
-    columns = {}
-    for name, typ in FIXED:
-        if name == "stopped_early":
-            values = [r.get("status") == "stopped_early" for r in records]
-        elif name == "memory_gb":
-            values = [None if r.get("memory_bytes") is None else r["memory_bytes"] / 1024**3 for r in records]
-        elif name in ("quantize_s", "loftq_s", "finetune_s", "eval_s"):
-            values = [(r.get("timings") or {}).get(name) for r in records]
-        else:
-            values = [r.get(name) for r in records]
-        columns[name] = pa.array(values, type=typ)
+    columns = [pa.array(_column(records, f.name), type=f.type) for f in FIXED]
+    fields = list(FIXED)
     for task in tasks:
-        columns[f"acc_{task}"] = pa.array([(r.get("task_acc") or {}).get(task) for r in records], type=pa.float64())
-    meta = {"objectives": json.dumps({"accuracy": "max", "memory_bytes": "min"})}
-    return pa.table(columns).replace_schema_metadata(meta)
+        columns.append(pa.array([(r.get("task_acc") or {}).get(task) for r in records], type=pa.float64()))
+        fields.append(pa.field(f"acc_{task}", pa.float64()))
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return with_reference(table, reference_rule(table))
+
+
+def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
+    """The table with run metadata: objectives, schema version and the reference point `ref`."""
+    meta = dict(table.schema.metadata or {})
+    meta.update({b"objectives": json.dumps(OBJECTIVES).encode(), b"schema_version": SCHEMA_VERSION.encode(),
+                 b"reference_point": json.dumps([float(ref[0]), float(ref[1])]).encode()})
+    return table.replace_schema_metadata(meta)
+
+
+def completed_mask(table: pa.Table) -> pa.ChunkedArray:
+    """True for rows that can be on the front: status completed, finite accuracy, memory known."""
+    acc = table["accuracy"]
+    ok = pc.and_(pc.and_(pc.equal(table["status"], "completed"), pc.is_valid(acc)),
+                 pc.and_(pc.invert(pc.is_nan(acc)), pc.is_valid(table["memory_bytes"])))
+    return pc.fill_null(ok, False)
+
+
+def completed(table: pa.Table) -> pa.Table:
+    """The rows of `completed_mask`."""
+    return table.filter(completed_mask(table))
+
+
+# ---------------------------------------------------------------------------------------------
+# Front and hypervolume.
 
 
 def pareto_mask(acc: Sequence[float], mem: Sequence[float]) -> np.ndarray:
-    """Non-dominated points (accuracy max, memory min); of exact duplicates the first is kept.
+    """Non-dominated points (accuracy max, memory min); of exact duplicates only the first is kept.
 
-    Sweep by memory ascending (accuracy descending on ties): a point is on the front iff its
-    accuracy beats every point with less or equal memory seen before it.
+    Sort by memory ascending (ties: accuracy descending, then index); a point is on the front iff its
+    accuracy beats every point before it, so equal-in-one, worse-in-the-other points are dominated.
     """
     acc, mem = np.asarray(acc, dtype=float), np.asarray(mem, dtype=float)
+    if acc.size == 0:
+        return np.zeros(0, dtype=bool)
     order = np.lexsort((np.arange(len(acc)), -acc, mem))
+    sorted_acc = acc[order]
+    best_before = np.concatenate(([-np.inf], np.maximum.accumulate(sorted_acc)[:-1]))
     mask = np.zeros(len(acc), dtype=bool)
-    best = -np.inf
-    for i in order:
-        if acc[i] > best:
-            mask[i] = True
-            best = acc[i]
+    mask[order] = sorted_acc > best_before
     return mask
 
 
 def hypervolume(acc: Sequence[float], mem: Sequence[float], ref_acc: float, ref_mem: float) -> float:
-    """Area dominated by the points inside the reference box (accuracy >= ref_acc, memory <= ref_mem)."""
+    """Area of {(a, m): ref_acc <= a <= some point's acc, that point's mem <= m <= ref_mem}.
+
+    Points outside the reference box (accuracy below ref_acc or memory above ref_mem) add nothing.
+    """
     acc, mem = np.asarray(acc, dtype=float), np.asarray(mem, dtype=float)
     inside = (acc > ref_acc) & (mem < ref_mem)
     acc, mem = acc[inside], mem[inside]
-    if not len(acc):
+    if acc.size == 0:
         return 0.0
     front = pareto_mask(acc, mem)
-    a, m = acc[front], mem[front]
-    order = np.argsort(m)
-    a, m = a[order], m[order]
-    edges = np.append(m[1:], ref_mem)  # each front point owns memory [m_i, m_{i+1}) at its accuracy
-    return float(np.sum((edges - m) * (a - ref_acc)))
+    order = np.argsort(mem[front])
+    a, m = acc[front][order], mem[front][order]
+    right = np.append(m[1:], ref_mem)  # each front point owns memory [m_i, m_{i+1}) at its accuracy
+    return float(np.sum((right - m) * (a - ref_acc)))
 
 
-def completed(table: pa.Table) -> pa.Table:
-    mask = pc.and_(pc.equal(table["status"], "completed"), pc.is_valid(table["accuracy"]))
-    return table.filter(mask)
+def reference_rule(table: pa.Table) -> tuple[float, float]:
+    """The rule: accuracy 0.0, memory 1.1 x the largest memory of any trial in the table.
+
+    Any status counts (memory is known before fine-tuning), so once the uniform-highest anchor has
+    started - the costliest configuration of the run - the point no longer moves.
+    """
+    mems = [m for m in table["memory_bytes"].to_pylist() if m is not None]
+    return 0.0, REF_MEMORY_FACTOR * float(max(mems, default=0))
 
 
 def reference_point(table: pa.Table) -> tuple[float, float]:
-    """Accuracy 0 and 1.1 x the largest memory among completed trials: every completed trial counts."""
-    done = completed(table)
-    top = max(done["memory_bytes"].to_pylist(), default=1)
-    return 0.0, 1.1 * float(top)
+    """The run's reference point: the one stored in the table's metadata, else `reference_rule`."""
+    stored = (table.schema.metadata or {}).get(b"reference_point")
+    if stored is not None:
+        ref_acc, ref_mem = json.loads(stored)
+        return float(ref_acc), float(ref_mem)
+    return reference_rule(table)
+
+
+def normalized(hv: float, ref: tuple[float, float]) -> float:
+    """Hypervolume as a fraction of the reference box (accuracy ref..1 x memory 0..ref): scale-free."""
+    box = (1.0 - ref[0]) * ref[1]
+    return hv / box if box > 0 else 0.0
 
 
 def front_table(results: pa.Table) -> pa.Table:
-    """The non-dominated completed trials, by memory, with the hypervolume and reference in metadata."""
+    """The non-dominated completed trials sorted by memory; hypervolume and reference point in metadata."""
     done = completed(results)
-    acc, mem = done["accuracy"].to_numpy(), done["memory_bytes"].to_numpy()
-    front = done.filter(pa.array(pareto_mask(acc, mem))) if len(done) else done
-    front = front.sort_by("memory_bytes")
+    acc, mem = done["accuracy"].to_numpy(zero_copy_only=False), done["memory_bytes"].to_numpy(zero_copy_only=False)
+    front = done.filter(pa.array(pareto_mask(acc, mem), type=pa.bool_())).sort_by("memory_bytes")
     ref = reference_point(results)
-    meta = dict(results.schema.metadata or {})
-    meta.update({b"hypervolume": str(hypervolume(acc, mem, *ref)).encode(), b"reference_point": json.dumps(ref).encode()})
-    return front.replace_schema_metadata(meta)
+    hv = hypervolume(acc, mem, *ref)
+    table = with_reference(front, ref)
+    meta = dict(table.schema.metadata)
+    meta.update({b"hypervolume": repr(hv).encode(), b"hypervolume_normalized": repr(normalized(hv, ref)).encode(),
+                 b"n_completed": str(done.num_rows).encode()})
+    return table.replace_schema_metadata(meta)
 
 
 def hypervolume_curve(results: pa.Table, ref: Optional[tuple[float, float]] = None) -> list[tuple[int, float, float]]:
-    """(completed trials so far, their summed trial seconds, hypervolume) in order of completion."""
+    """(completed trials so far, summed seconds of every trial finished so far, hypervolume) per completion.
+
+    Trials are ordered by finish time (started_at + wall_seconds); stopped-early and failed trials add
+    their seconds but no point, so the curve shows what the search's compute bought.
+    """
     ref = ref or reference_point(results)
-    rows = sorted(completed(results).to_pylist(), key=lambda r: (r["started_at"] or 0) + (r["wall_seconds"] or 0))
-    curve, seconds = [], 0.0
-    for n in range(1, len(rows) + 1):
-        seconds += rows[n - 1]["wall_seconds"] or 0.0
-        sub = rows[:n]
-        curve.append((n, seconds, hypervolume([r["accuracy"] for r in sub], [r["memory_bytes"] for r in sub], *ref)))
+    rows = results.select(["accuracy", "memory_bytes", "started_at", "wall_seconds"]).to_pylist()
+    for row, ok in zip(rows, completed_mask(results).to_pylist()):
+        row["ok"] = ok
+    rows.sort(key=lambda r: (r["started_at"] or 0.0) + (r["wall_seconds"] or 0.0))
+    curve, seconds, acc, mem = [], 0.0, [], []
+    for r in rows:
+        seconds += r["wall_seconds"] or 0.0
+        if r["ok"]:
+            acc.append(r["accuracy"])
+            mem.append(r["memory_bytes"])
+            curve.append((len(acc), seconds, hypervolume(acc, mem, *ref)))
     return curve
 
 
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write beside the target, fsync, then rename: a kill never leaves a truncated file."""
+    """Write to a temp file beside `path`, fsync, then os.replace: a kill mid-write never leaves a
+    truncated file, and the previous file stays readable until the new one is complete."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -130,6 +205,11 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
@@ -143,26 +223,44 @@ def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
     old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
     fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
     merged = pa.concat_tables([fresh, old], promote_options="default")
-    return merged.sort_by("started_at").replace_schema_metadata(results.schema.metadata)
+    columns = FIXED.names + sorted(c for c in merged.column_names if c.startswith("acc_"))  # same order as results_table
+    return merged.select(columns).sort_by("started_at").replace_schema_metadata(results.schema.metadata)
 
 
-def write_results(records: Sequence[dict], out_dir: Path, plot: bool = True) -> tuple[pa.Table, pa.Table]:
+def write_results(records: Sequence[dict], out_dir: Path, baselines: Optional[dict[str, tuple[int, float]]] = None,
+                  plot: bool = True) -> tuple[pa.Table, pa.Table]:
     """results.parquet and pareto.parquet (and pareto.png when `plot`) in out_dir, merged with the
-    results file already there (see merge_previous)."""
+    results file already there (see merge_previous); the stored reference point is kept unless a
+    trial now needs a larger box. Temp files of an earlier killed write are removed."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.parquet.*.tmp"):  # left by a writer killed mid-write; one writer per run
+        stale.unlink(missing_ok=True)
     results = results_table(records)
+    ref = reference_rule(results)
     if (out_dir / "results.parquet").is_file():
-        results = merge_previous(results, pq.read_table(out_dir / "results.parquet"))
+        previous = pq.read_table(out_dir / "results.parquet")
+        results = merge_previous(results, previous)
+        ref = max(reference_point(previous), reference_rule(results), key=lambda r: r[1])
+    results = with_reference(results, ref)
     front = front_table(results)
     write_parquet_atomic(results, out_dir / "results.parquet")
     write_parquet_atomic(front, out_dir / "pareto.parquet")
     if plot:
-        plot_front(results, front, out_dir / "pareto.png")
+        plot_front(results, front, out_dir / "pareto.png", baselines)
     return results, front
 
 
+# ---------------------------------------------------------------------------------------------
+# Terminal table and plot.
+
+
 def compact_bits(bits: Sequence[int]) -> str:
-    """Run-length form for tables: [4,4,4,8,8] -> '4x3 8x2'."""
+    """Bits per layer for tables: groups of four digits ([4,8,4,8,8,8] -> '4848 88'), or run-length
+    ('16x3 4 8x2') when some width has two digits."""
+    if all(b < 10 for b in bits):
+        digits = "".join(str(b) for b in bits)
+        return " ".join(digits[i : i + 4] for i in range(0, len(digits), 4))
     runs: list[list[int]] = []
     for b in bits:
         if runs and runs[-1][0] == b:
@@ -173,56 +271,86 @@ def compact_bits(bits: Sequence[int]) -> str:
 
 
 def print_front(front: pa.Table, console=None) -> None:
-    """The front as a rich table in the terminal."""
+    """The front as a rich table in the terminal: bits per layer, accuracy (mean and per task), memory."""
     from rich.console import Console
     from rich.table import Table
 
     tasks = [c for c in front.column_names if c.startswith("acc_")]
-    table = Table(title=f"Pareto front ({front.num_rows} configurations)")
-    for col in ["trial", "bits per layer", "accuracy", *[t[4:] for t in tasks], "memory GB"]:
-        table.add_column(col)
+    table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("bits per layer", no_wrap=True)
+    for col in ["accuracy", *[t[4:] for t in tasks], "memory GB"]:
+        table.add_column(col, justify="right")
     for r in front.to_pylist():
         table.add_row(r["trial_id"], compact_bits(r["bits"]), f"{r['accuracy']:.3f}",
                       *[f"{r[t]:.3f}" if r[t] is not None else "-" for t in tasks], f"{r['memory_gb']:.4f}")
     (console or Console()).print(table)
 
 
-def uniform_baselines(results: pa.Table) -> dict[str, tuple[float, float]]:
-    """Completed trials whose layers all share one bit-width: {'uniform-4': (memory GB, accuracy)}."""
-    out = {}
+def uniform_baselines(results: pa.Table) -> dict[str, tuple[int, float]]:
+    """Completed trials whose layers all share one bit-width: {'uniform-4': (memory bytes, accuracy)}.
+    The earliest such trial per width is the baseline."""
+    out: dict[str, tuple[int, float]] = {}
     for r in completed(results).to_pylist():
-        if len(set(r["bits"])) == 1:
-            out[f"uniform-{r['bits'][0]}"] = (r["memory_gb"], r["accuracy"])
+        if r["bits"] and len(set(r["bits"])) == 1:
+            out.setdefault(f"uniform-{r['bits'][0]}", (r["memory_bytes"], r["accuracy"]))
     return out
 
 
-def plot_front(results: pa.Table, front: pa.Table, path: Path) -> None:
-    """Accuracy vs memory: all trials grey (stopped early hollow), the front as a step line, baselines marked."""
+def memory_label(results: pa.Table) -> str:
+    """Axis label saying whether the memory objective was measured on the GPU or estimated."""
+    sources = {s for s in results["memory_source"].to_pylist() if s}
+    if sources == {"measured"}:
+        return "peak fine-tuning GPU memory, measured (GB)"
+    if sources == {"estimated"}:
+        return "peak fine-tuning memory, estimated (GB)"
+    return "peak fine-tuning memory (GB; measured where available, else estimated)"
+
+
+def plot_front(results: pa.Table, front: pa.Table, path: Path,
+               baselines: Optional[dict[str, tuple[int, float]]] = None) -> None:
+    """Accuracy vs memory: completed trials grey, stopped-early ones as ticks on the memory axis (they
+    have no final accuracy), failed ones omitted, the front as a red step line, baselines as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.transforms as mtransforms
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    rows = results.to_pylist()
-    done = [r for r in rows if r["status"] == "completed" and r["accuracy"] is not None]
-    early = [r for r in rows if r["status"] == "stopped_early" and r["val_acc"] is not None and r["memory_gb"] is not None]
-    ax.scatter([r["memory_gb"] for r in done], [r["accuracy"] for r in done], c="0.6", s=30, label="completed trials")
+    baselines = uniform_baselines(results) if baselines is None else baselines
+    rows = results.select(["status", "memory_gb"]).to_pylist()
+    done = completed(results)
+    early = [r["memory_gb"] for r in rows if r["status"] == "stopped_early" and r["memory_gb"] is not None]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=130)
+    ax.scatter(done["memory_gb"].to_pylist(), done["accuracy"].to_pylist(), c="0.6", s=28, label="completed trials")
     if early:
-        ax.scatter([r["memory_gb"] for r in early], [r["val_acc"] for r in early], facecolors="none", edgecolors="0.6",
-                   s=30, label="stopped early (validation acc)")
-    f = front.to_pylist()
-    if f:
-        ax.step([r["memory_gb"] for r in f], [r["accuracy"] for r in f], where="post", c="tab:red", lw=1.5)
-        ax.scatter([r["memory_gb"] for r in f], [r["accuracy"] for r in f], c="tab:red", s=45, zorder=3, label="Pareto front")
-    for name, (mem, acc) in sorted(uniform_baselines(results).items()):
-        ax.scatter([mem], [acc], marker="*", s=160, c="tab:blue", zorder=4)
-        ax.annotate(name, (mem, acc), textcoords="offset points", xytext=(6, -12), fontsize=9, color="tab:blue")
-    ax.set_xlabel("fine-tuning memory (GB; measured peak on GPU, else estimate)")
-    ax.set_ylabel("mean zero-shot accuracy")
-    ax.set_title("qpruner search: accuracy vs memory")
+        rug = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+        ax.scatter(early, [0.03] * len(early), transform=rug, marker="|", s=160, c="0.45",
+                   label="stopped early (no final accuracy)")
+    f_mem, f_acc = front["memory_gb"].to_pylist(), front["accuracy"].to_pylist()
+    xs = done["memory_gb"].to_pylist() + early + [b[0] / GB for b in baselines.values()]
+    if f_mem:
+        ax.step(f_mem + [max(xs)], f_acc + [f_acc[-1]], where="post", c="tab:red", lw=1.6, zorder=2)
+        ax.scatter(f_mem, f_acc, c="tab:red", s=48, zorder=3, label=f"Pareto front ({len(f_mem)})")
+    for name, (mem, acc) in sorted(baselines.items(), key=lambda kv: kv[1][0]):
+        ax.scatter([mem / GB], [acc], marker="*", s=200, c="tab:blue", edgecolors="white", zorder=4)
+        ax.annotate(name, (mem / GB, acc), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=10,
+                    color="tab:blue", fontweight="bold")
+    if baselines:
+        ax.scatter([], [], marker="*", s=120, c="tab:blue", label="uniform-precision baselines")
+    if xs:  # the rug is not in data coordinates on y, so set the memory range by hand
+        lo, hi = min(xs), max(xs)
+        pad = 0.08 * (hi - lo) if hi > lo else 0.05 * hi or 1e-3
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.margins(y=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}"))
+    ax.set_xlabel(memory_label(results))
+    ax.set_ylabel("accuracy (mean over tasks)")
+    ax.set_title("qpruner: accuracy vs memory of every trial")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

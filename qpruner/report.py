@@ -1,123 +1,284 @@
-"""`python -m qpruner.report RUN_DIR` (also written at the end of every run): report.md and its plots."""
+"""`python -m qpruner.report RUN_DIR` (also called at the end of every run): report.md and its plots.
+
+Reads RUN_DIR/results.parquet (and config.yaml if present); writes report.md, pareto.png,
+hypervolume.png and bits_heatmap.png next to it. Works on any results file, finished or not.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qpruner.errors import QPrunerError
-from qpruner.pareto import compact_bits, completed, front_table, hypervolume_curve, plot_front, reference_point
+from qpruner.pareto import (
+    GB, compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point,
+)
+
+BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
+BIT_NAMES = {4: "4-bit NF4/FP4", 8: "8-bit LLM.int8", 16: "16-bit (not quantized)"}
 
 
 def write_report(run_dir: str | Path) -> Path:
     """report.md + pareto.png, hypervolume.png and bits_heatmap.png from RUN_DIR/results.parquet."""
     run = Path(run_dir)
+    if not run.is_dir():
+        raise QPrunerError(f"run folder {run} does not exist; give the output folder of a qpruner.tune run")
     if not (run / "results.parquet").is_file():
-        raise QPrunerError(f"{run}: no results.parquet; give the --out folder of a qpruner.tune run")
-    results = pq.read_table(run / "results.parquet")
+        raise QPrunerError(f"{run} has no results.parquet; give the output folder of a qpruner.tune run")
+    try:
+        results = pq.read_table(run / "results.parquet")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise QPrunerError(f"{run / 'results.parquet'} is not a readable Parquet file ({exc})") from exc
     front = front_table(results)
+    ref = reference_point(results)
+    curve = hypervolume_curve(results, ref)
     plot_front(results, front, run / "pareto.png")
-    curve = hypervolume_curve(results, reference_point(results))
-    _plot_hypervolume(curve, run / "hypervolume.png")
-    _plot_bits(front.to_pylist(), run / "bits_heatmap.png")
-    (run / "report.md").write_text(_markdown(run, results, front, curve))
+    plot_hypervolume(curve, ref, run / "hypervolume.png")
+    plot_bits(front.to_pylist(), run / "bits_heatmap.png")
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config))
     return run / "report.md"
 
 
-def _markdown(run: Path, results, front, curve) -> str:
+# ---------------------------------------------------------------------------------------------
+# Markdown.
+
+
+def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str]) -> str:
+    """The whole report as Markdown text."""
     rows = results.to_pylist()
     tasks = [c for c in results.column_names if c.startswith("acc_")]
-    lines = [f"# qpruner run: {run.name}", ""]
-    done = [r for r in rows if r["status"] == "completed"]
+    done = completed(results).to_pylist()
     early = [r for r in rows if r["status"] == "stopped_early"]
     failed = [r for r in rows if r["status"] == "failed"]
-    seconds = sum(r["wall_seconds"] or 0 for r in rows)
-    saved = sum(max((r["max_steps"] or 0) - (r["steps"] or 0), 0) for r in early)
-    lines += [
-        f"Trials: {len(rows)} ({len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed). "
-        f"Trial time: {seconds / 3600:.2f} trial-hours. Fine-tuning steps saved by early stopping: {saved}.",
-        f"Hypervolume of the front: {curve[-1][2] if curve else 0:.4g} (reference point: accuracy 0, "
-        f"memory {json.loads(front.schema.metadata[b'reference_point'])[1] / 1024**3:.4f} GB).",
-        "", "![accuracy vs memory](pareto.png)", "", "## Pareto front", "",
-    ]
-    lines += _table(front.to_pylist(), tasks)
-    baselines = [r for r in done if len(set(r["bits"])) == 1]
-    best_mixed = sorted((r for r in front.to_pylist() if len(set(r["bits"])) > 1), key=lambda r: -r["accuracy"])[:3]
-    lines += ["", "## Comparison (the paper's rows)", ""]
-    lines += _table(sorted(baselines, key=lambda r: r["bits"][0]) + best_mixed, tasks, label=True)
-    lines += ["", "![hypervolume vs trials](hypervolume.png)", "", "![bits per layer on the front](bits_heatmap.png)", ""]
+    ref = reference_point(results)
+    hv = curve[-1][2] if curve else 0.0
+    lines = [f"# qpruner run: {name}", ""]
+    lines += [f"- Trials: {len(rows)}: {len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
+              + (f", {len(rows) - len(done) - len(early) - len(failed)} other (pending/running)"
+                 if len(rows) > len(done) + len(early) + len(failed) else "") + "."]
+    lines += time_lines(rows)
+    lines += early_stop_lines(rows, early)
+    lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
+              f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
+              f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory, fixed for the run).",
+              f"- Memory objective: {memory_sources(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
+    lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first.", ""]
+    lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
+    lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks)
+    lines += ["", "## Search progress", "", "![hypervolume vs completed trials](hypervolume.png)", "",
+              "## Bits per layer on the front", "", "![bits per layer on the Pareto front](bits_heatmap.png)", ""]
+    if early:
+        lines += ["## Stopped early", "", "| trial | bits per layer | steps done | last validation acc | memory GB |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['steps']} / {run_max_steps(rows, r) or '?'} | "
+                  f"{fmt(r['val_acc'])} | {fmt(gb(r), 4)} |" for r in early]
+        lines += [""]
     if failed:
-        lines += ["## Failed trials", ""] + [f"- `{r['trial_id']}` bits {compact_bits(r['bits'])}: {r['error']}" for r in failed]
-    if (run / "config.yaml").is_file():
-        lines += ["", "## Config", "", "```yaml", (run / "config.yaml").read_text().rstrip(), "```"]
-    return "\n".join(lines) + "\n"
+        lines += ["## Failed trials", ""]
+        lines += [f"- `{r['trial_id']}` (bits {compact_bits(r['bits'])}): {one_line(r['error'])}" for r in failed]
+        lines += [""]
+    if config is not None:
+        lines += ["## Config", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
-def _table(rows: Sequence[dict], tasks: list[str], label: bool = False) -> list[str]:
-    head = (["row"] if label else []) + ["trial", "bits per layer", "accuracy", *[t[4:] for t in tasks], "memory GB"]
-    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        name = ([f"uniform-{r['bits'][0]} {'LoRA' if r['bits'][0] == 16 else 'LoftQ'}" if len(set(r["bits"])) == 1 else "best mixed"]
-                if label else [])
-        cells = [*name, r["trial_id"], compact_bits(r["bits"]), f"{r['accuracy']:.3f}",
-                 *[f"{r[t]:.3f}" if r[t] is not None else "-" for t in tasks], f"{r['memory_gb']:.4f}"]
+def time_lines(rows: list[dict]) -> list[str]:
+    """Run wall time (first start to last finish) and trial-hours, split by stage."""
+    trial_s = sum(r["wall_seconds"] or 0.0 for r in rows)
+    starts = [r["started_at"] for r in rows if r["started_at"]]
+    ends = [r["started_at"] + (r["wall_seconds"] or 0.0) for r in rows if r["started_at"]]
+    wall = f"{duration(max(ends) - min(starts))} wall time (first trial start to last finish); " if starts else ""
+    stages = {k: sum(r[k] or 0.0 for r in rows) for k in ("quantize_s", "loftq_s", "finetune_s", "eval_s")}
+    split = ("stages (trials that finished them): " + ", ".join(f"{k[:-2]} {duration(v)}" for k, v in stages.items())
+             + "; the rest is loading, setup and unfinished training") if any(stages.values()) else "no stage timings"
+    return [f"- Time: {wall}{trial_s / 3600:.3g} trial-hours ({duration(trial_s)}) summed over trials; {split}."]
+
+
+def duration(seconds: float) -> str:
+    """'1 h 05 min', '4 min 31 s' or '12.3 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
+
+
+def run_max_steps(rows: list[dict], row: dict) -> int:
+    """A trial's planned fine-tuning steps; a stopped trial may not have reported it, and every trial
+    of a run shares finetune.steps, so fall back to the largest max_steps in the run."""
+    return row["max_steps"] or max((r["max_steps"] or 0 for r in rows), default=0)
+
+
+def early_stop_lines(rows: list[dict], early: list[dict]) -> list[str]:
+    """How many fine-tuning steps ASHA saved: sum of max_steps - steps over stopped trials."""
+    if not early:
+        return ["- Early stopping: no trial was stopped early."]
+    saved = sum(max(run_max_steps(rows, r) - (r["steps"] or 0), 0) for r in early)
+    planned = sum(run_max_steps(rows, r) for r in early)
+    share = f" ({saved / planned:.0%} of their planned steps)" if planned else ""
+    return [f"- Early stopping: {len(early)} trials stopped; {saved} fine-tuning steps saved{share}."]
+
+
+def memory_sources(rows: list[dict]) -> str:
+    """Whether the memory objective was measured on a GPU, estimated, or a mix."""
+    sources = [r["memory_source"] for r in rows if r["memory_source"]]
+    measured = sources.count("measured")
+    if not sources:
+        return "unknown"
+    if measured == len(sources):
+        return "measured peak GPU memory during fine-tuning"
+    if measured == 0:
+        return "analytic estimate of the fine-tuning peak (no GPU measurement)"
+    return f"measured peak for {measured} trials, analytic estimate for {len(sources) - measured}"
+
+
+def comparison_lines(done: list[dict], front: list[dict], tasks: list[str]) -> list[str]:
+    """The paper's rows when present: uniform-16 LoRA, uniform-4/-8 LoftQ, then the best mixed
+    configuration overall and the best mixed one within each uniform baseline's memory."""
+    uniform: dict[int, dict] = {}
+    for r in done:
+        if r["bits"] and len(set(r["bits"])) == 1:
+            uniform.setdefault(r["bits"][0], r)
+    mixed = [r for r in done if len(set(r["bits"])) > 1]
+    labelled = [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
+    best = max(mixed, key=lambda r: r["accuracy"]) if mixed else None
+    if best:
+        labelled.append(("best mixed", best))
+    deltas = []
+    for b, base in sorted(uniform.items(), reverse=True):
+        within = [r for r in mixed if r["memory_bytes"] <= base["memory_bytes"]]
+        if not within:
+            continue
+        pick = max(within, key=lambda r: r["accuracy"])
+        if pick is not best:
+            labelled.append((f"best mixed within uniform-{b} memory", pick))
+        deltas.append(f"- Best mixed within uniform-{b} memory (`{pick['trial_id']}`) vs uniform-{b}: "
+                      f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy, "
+                      f"{100 * (pick['memory_bytes'] / base['memory_bytes'] - 1):+.1f}% memory.")
+    if not labelled:
+        return ["No completed trial to compare yet."]
+    note = [] if uniform else ["No uniform-precision trial completed (search.anchors: true adds them).", ""]
+    table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled])
+    return note + table + ([""] + deltas if deltas else [])
+
+
+def md_table(rows: Sequence[dict], tasks: list[str], labels: Optional[list[str]] = None) -> list[str]:
+    """A Markdown table: [label], trial, bits per layer, accuracy, per-task accuracy, memory GB."""
+    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy", *[t[4:] for t in tasks], "memory GB"]
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for i, r in enumerate(rows):
+        cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]), fmt(r["accuracy"]),
+                                                   *[fmt(r.get(t)) for t in tasks], fmt(gb(r), 4)]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
-def _plot_hypervolume(curve, path: Path) -> None:
+def fmt(x: Optional[float], digits: int = 3) -> str:
+    """A number for a table cell; '-' when missing."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def gb(r: dict) -> Optional[float]:
+    """A row's memory objective in GB (None when unknown)."""
+    return None if r["memory_bytes"] is None else r["memory_bytes"] / GB
+
+
+def one_line(text: Optional[str]) -> str:
+    """The last non-empty line of an error (the exception message), safe inside Markdown."""
+    lines = [ln.strip() for ln in (text or "unknown error").splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error").replace("|", "/")[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    return plt
+
+
+def plot_hypervolume(curve: list[tuple[int, float, float]], ref: tuple[float, float], path: Path) -> None:
+    """Hypervolume (fraction of the reference box) after each completed trial, with trial-hours on top."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=130)
     if curve:
-        ax.plot([c[0] for c in curve], [c[2] for c in curve], marker="o")
-    ax.set_xlabel("completed trials")
-    ax.set_ylabel("hypervolume (accuracy x bytes)")
-    ax.set_title("search progress")
+        n = [c[0] for c in curve]
+        ax.step(n, [normalized(c[2], ref) for c in curve], where="post", c="tab:red", lw=1.6)
+        ax.plot(n, [normalized(c[2], ref) for c in curve], "o", c="tab:red", ms=4)
+        for c in curve[:: max(len(curve) // 6, 1)]:
+            ax.annotate(duration(c[1]), (c[0], normalized(c[2], ref)), textcoords="offset points",
+                        xytext=(0, 7), ha="center", va="bottom", fontsize=8, color="0.35")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("completed trials (labels: trial time spent so far, all trials)")
+    ax.set_ylabel("hypervolume (fraction of reference box)")
+    ax.set_title(f"search progress (reference: accuracy {ref[0]:g}, memory {ref[1] / GB:.4g} GB)")
+    ax.margins(x=0.06, y=0.2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def _plot_bits(front: list[dict], path: Path) -> None:
-    """Front configurations x decoder layers, coloured by bits: which layers keep high precision."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_bits(front: list[dict], path: Path) -> None:
+    """Front configurations (rows, by memory) x decoder layers, coloured by bit-width."""
     import numpy as np
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * max(len(front), 1)), dpi=120)
+    plt = _pyplot()
+    n_layers = max((len(r["bits"]) for r in front), default=0)
+    fig, ax = plt.subplots(figsize=(min(max(8.0, 4.5 + 0.3 * n_layers), 16), 1.6 + 0.38 * max(len(front), 1)), dpi=130)
     if front:
-        grid = np.array([r["bits"] for r in front])
-        levels = sorted(set(grid.flatten().tolist()))
-        cmap = ListedColormap(["#9ecae1", "#3182bd", "#08306b"][: len(levels)])
-        ax.imshow(np.searchsorted(levels, grid), cmap=cmap, aspect="auto", vmin=0, vmax=max(len(levels) - 1, 1))
-        for (i, j), b in np.ndenumerate(grid):
-            ax.text(j, i, str(b), ha="center", va="center", color="white" if b == levels[-1] else "black", fontsize=8)
-        ax.set_yticks(range(len(front)), [f"{r['trial_id']} ({r['memory_gb']:.4f} GB)" for r in front], fontsize=8)
-        ax.set_xticks(range(grid.shape[1]))
+        levels = sorted({b for r in front for b in r["bits"]} | set(BIT_COLOURS))
+        grid = np.array([[levels.index(b) for b in r["bits"]] for r in front])
+        cmap = ListedColormap([BIT_COLOURS.get(b, "0.5") for b in levels])
+        ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(levels) - 0.5, aspect="auto")
+        if n_layers <= 40:
+            for (i, j), k in np.ndenumerate(grid):
+                ax.text(j, i, str(levels[k]), ha="center", va="center", fontsize=7,
+                        color="white" if levels[k] >= 8 else "black")
+        ax.set_yticks(range(len(front)), [f"{r['trial_id']}  acc {r['accuracy']:.3f}, {gb(r):.4g} GB" for r in front],
+                      fontsize=8)
+        step = max(n_layers // 16, 1)
+        ax.set_xticks(range(0, n_layers, step))
+        used = sorted({b for r in front for b in r["bits"]})
+        handles = [Patch(facecolor=BIT_COLOURS.get(b, "0.5"), edgecolor="0.3", label=BIT_NAMES.get(b, f"{b}-bit"))
+                   for b in used]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+                  title="bits", title_fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no completed trial yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
     ax.set_xlabel("decoder layer")
-    ax.set_title("bits per layer on the Pareto front")
+    ax.set_title("bits per layer on the Pareto front (rows by memory, smallest first)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m qpruner.report RUN_DIR`: rebuild report.md and the plots; prints the report's path."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m qpruner.report", description="Write report.md and plots for a run.")
-    parser.add_argument("run_dir")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("run_dir", help="output folder of a qpruner.tune run (holds results.parquet)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
     print(write_report(args.run_dir))
     return 0
