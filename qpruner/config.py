@@ -62,7 +62,7 @@ class CalibrationConfig:
 
 @dataclass
 class PruneConfig:
-    """Structured pruning (LLM-Pruner style Taylor importance by default)."""
+    """Structured pruning: LLM-Pruner style Taylor importance (default), SlimGPT's layer-wise OBS, or random."""
 
     method: Literal["taylor", "random", "slimgpt"] = "taylor"
     ratio: float = 0.2  # fraction of the WHOLE model's parameters removed
@@ -76,8 +76,6 @@ class PruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, path: str) -> None:
-        if self.method == "slimgpt":
-            raise ConfigError(f"{path}.method", "slimgpt is not implemented yet; use 'taylor' or 'random'")
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"{path}.ratio", f"must be in [0, 1), got {self.ratio}")
         for name in ("first_layer", "last_layer"):
@@ -276,6 +274,12 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self, path: str) -> None:
+        """Checks that span sections."""
+        if self.search.importance == "taylor" and self.prune.method != "taylor":
+            raise ConfigError("search.importance", f"'taylor' reuses the Taylor pruner's scores, but prune.method is "
+                              f"{self.prune.method!r}; use 'mi' or 'quant_loss'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,3 +14,8 @@ class ConfigError(QPrunerError):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}")
+
+    def __reduce__(self):
+        # Rebuild from (field, reason): errors raised inside Ray tasks must reach the driver intact,
+        # or Ray replaces them with an UnserializableException and the user sees a traceback.
+        return (type(self), (self.field, self.reason))

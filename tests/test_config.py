@@ -41,7 +41,6 @@ def test_paper_recipes_match_the_paper():
         ({"model": {"name": "./no/such/model"}}, "model.name", "does not exist"),
         ({"lora": {"rank": 0}}, "lora.rank", "> 0"),
         ({"modle": {}}, "modle", "did you mean 'model'"),
-        ({"prune": {"method": "slimgpt"}}, "prune.method", "not implemented yet"),
     ],
 )
 def test_bad_values_name_the_field(raw, field, words):

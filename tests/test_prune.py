@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from qpruner.config import config_from_dict
+from qpruner.errors import QPrunerError
 from qpruner.prune import load_pruned, prune_cached, prune_with_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def cache(tmp_path_factory, tiny_assets):
     return root
 
 
-@pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second"}, {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
+@pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second", "calibration": {"n_samples": 6}}, {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
 def test_ratio_and_gqa_structure(cache, prune):
     result = prune_cached(cfg_for(cache, **prune), progress=False)
     assert abs(result.overall_ratio - prune["ratio"]) <= 0.02
@@ -63,6 +65,7 @@ def test_save_load_round_trip_is_exact(cache):
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+@pytest.mark.slow  # ~70 s: ten lm-eval passes; the perplexity test below is the fast check of importance
 def test_taylor_importance_beats_random_groups(cache, tiny_config):
     """On builtin:tiny at 30%, Taylor-ranked pruning keeps task accuracy clearly above random groups.
 
@@ -93,28 +96,43 @@ def heldout_perplexity(model, tok, docs: list[str]) -> float:
         return math.exp(model(**batch, labels=labels).loss.item())
 
 
-def test_taylor_perplexity_beats_random(cache):
-    """At 30% of MLP channels, Taylor ranking costs far less held-out perplexity than random (3 seeds).
+@pytest.fixture(scope="module")
+def heldout_ppl(cache, tiny_assets):
+    """ppl(**prune) -> held-out perplexity of the model pruned with these settings (ratio 0.3 unless given).
 
-    Measured (dense 1.669): Taylor 1.678 (second order: 1.679), random 1.753, 1.711, 1.799. With attention pruned too
-    (the default), each prunable layer loses 1 of only 2 GQA groups and that coarse step dominates:
-    Taylor 1.880 vs random 1.843, 1.911, 1.943, so that case is printed, not asserted.
-    """
-    from qpruner.builtin import world
+    Held out: the last 128 corpus documents, which the calibration file excludes. `ppl()` with no
+    arguments is the dense model."""
     from qpruner.model import load_model
 
-    docs = world.corpus(world.make_world(seed=0), n_docs=128, seed=12345)
-    model, tok = load_model("builtin:tiny", cache_dir=cache)
-    dense = heldout_perplexity(model, tok, docs)
+    lines = tiny_assets.corpus_path.read_text().splitlines()
+    docs = lines[-128:]
+    calib = cache / "calibration.txt"
+    calib.write_text("\n".join(lines[:-128]) + "\n")
 
     def ppl(**prune) -> float:
-        return heldout_perplexity(*load_pruned(prune_cached(cfg_for(cache, ratio=0.3, **prune), progress=False).path), docs)
+        if not prune:
+            return heldout_perplexity(*load_model("builtin:tiny", cache_dir=cache), docs)
+        prune = {"ratio": 0.3, **prune, "calibration": {"source": str(calib), **prune.get("calibration", {})}}
+        return heldout_perplexity(*load_pruned(prune_cached(cfg_for(cache, **prune), progress=False).path), docs)
 
+    return ppl
+
+
+def test_taylor_perplexity_beats_random(heldout_ppl):
+    """At 30% of MLP channels, Taylor ranking costs far less held-out perplexity than random (3 seeds).
+
+    With attention pruned too (the default), each prunable layer loses 1 of only 2 GQA groups;
+    first-order Taylor picks the cheaper group in only 2 of 4 layers on this model (removing a whole
+    head is far from a small perturbation), so that case is printed, not asserted.
+    """
+    ppl = heldout_ppl
+    dense = ppl()
     taylor = ppl(prune_attention=False)
     randoms = [ppl(prune_attention=False, method="random", calibration={"seed": s}) for s in (1, 2, 3)]
     with_heads = ppl()
-    print(f"held-out ppl at 30%: dense {dense:.3f}; MLP only: taylor {taylor:.3f}, "
-          f"random {[round(r, 3) for r in randoms]}; heads+MLP taylor {with_heads:.3f}")
+    randoms_heads = [ppl(method="random", calibration={"seed": s}) for s in (1, 2, 3)]
+    print(f"held-out ppl at 30%: dense {dense:.3f}; MLP only: taylor {taylor:.3f}, random {[round(r, 3) for r in randoms]}; "
+          f"heads+MLP: taylor {with_heads:.3f}, random {[round(r, 3) for r in randoms_heads]}")
     random_cost = sum(randoms) / len(randoms) - dense
     assert random_cost > 0.02
     assert taylor - dense < 0.5 * random_cost
@@ -199,6 +217,8 @@ def test_ray_task_prunes_once(cache):
         started = time.time()
         second = prune_with_ray(cfg)
         took = time.time() - started
+        with pytest.raises(QPrunerError, match=r"^prune\.ratio: 0\.9 cannot be reached"):  # one line, not a Ray traceback
+            prune_with_ray(config_from_dict({"prune": {"ratio": 0.9}}))
     finally:
         ray.shutdown()
     assert not first.cached and second.cached and took < 10
@@ -212,3 +232,55 @@ def test_cli_bad_field_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qpruner.prune", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: prune.ratio: must be in [0, 1), got 1.5"
+
+
+def test_config_error_survives_pickling():
+    """Errors raised inside Ray tasks are pickled to the driver; ConfigError must keep its field and reason."""
+    import pickle
+
+    from qpruner.errors import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("prune.ratio", "must be in (0, 1)")))
+    assert (err.field, err.reason, str(err)) == ("prune.ratio", "must be in (0, 1)", "prune.ratio: must be in (0, 1)")
+
+
+def test_prune_cli_reports_unreachable_ratio_in_one_line(tmp_path, tiny_assets):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("prune:\n  ratio: 0.9\n")
+    env = {**os.environ, "QPRUNER_CACHE": str(tiny_assets.model_dir.parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "qpruner.prune", "--config", str(recipe)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "prune.ratio: 0.9 cannot be reached" in errors[0]
+
+
+def test_slimgpt_structure_and_perplexity_against_taylor(cache, heldout_ppl):
+    """SlimGPT at 30%, no fine-tuning: the overall ratio holds, deeper layers lose more, and held-out
+    perplexity is compared with Taylor's (the SlimGPT paper's claim: OBS compensation keeps it lower).
+
+    Measured on builtin:tiny (dense 1.669): heads+MLP taylor 1.898, slimgpt 1.790; MLP only (both barely
+    above dense) taylor 1.6764, slimgpt 1.6764. So the claim holds where pruning hurts (whole heads go)
+    and is a tie where it does not; the test asserts exactly that.
+    """
+    from qpruner.prune.slimgpt import layer_ratios
+
+    ratios = layer_ratios(4, 0.3)
+    assert all(a < b for a, b in zip(ratios, ratios[1:])) and sum(ratios) / 4 == pytest.approx(0.3)
+    result = prune_cached(cfg_for(cache, ratio=0.3, method="slimgpt"), progress=False)
+    assert abs(result.overall_ratio - 0.3) <= 0.02
+    model, _ = load_pruned(result.path)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    meta = json.loads((result.path / "qpruner_prune.json").read_text())
+    pruned = meta["layers"]
+    assert widths[0] == widths[-1] == 352 and all(a >= b for a, b in zip(
+        [widths[i] for i in pruned], [widths[i] for i in pruned][1:])), widths
+
+    dense = heldout_ppl()
+    taylor = heldout_ppl(method="taylor")
+    slim = heldout_ppl(method="slimgpt")
+    taylor_mlp, slim_mlp = heldout_ppl(method="taylor", prune_attention=False), heldout_ppl(method="slimgpt", prune_attention=False)
+    print(f"held-out ppl at 30%, no fine-tuning: dense {dense:.3f}; heads+MLP: taylor {taylor:.3f}, slimgpt {slim:.3f}; "
+          f"MLP only: taylor {taylor_mlp:.3f}, slimgpt {slim_mlp:.3f}")
+    assert slim < taylor - 0.05 and slim_mlp < taylor_mlp * 1.01

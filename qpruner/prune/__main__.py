@@ -18,9 +18,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from qpruner.prune import prune_with_ray
 
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    result = prune_with_ray(cfg)
-    ray.shutdown()
+    ray.init(include_dashboard=False, configure_logging=False)  # log_to_driver: the worker's progress bar shows here
+    try:
+        result = prune_with_ray(cfg, progress=True)
+    finally:
+        ray.shutdown()
     print(f"pruned model: {result.path}")
     print(f"parameters:   {result.params_before:,} -> {result.params_after:,} "
           f"(overall {result.overall_ratio:.1%}, per prunable block {result.block_ratio:.1%})")

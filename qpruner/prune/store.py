@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from qpruner.config import Config
+from qpruner.errors import QPrunerError
 from qpruner.prune.structure import head_dim_of, layer_shape
 
 COMPLETE = "COMPLETE"
@@ -82,7 +83,7 @@ def is_complete(path: Path) -> bool:
     return weights.is_file() and weights.stat().st_size == expected
 
 
-def model_fingerprint(name: str, cache_dir: Path) -> str:
+def model_fingerprint(name: str) -> str:
     """What identifies the source model: builtin version, a local folder's files, or the hub id."""
     if name.startswith("builtin:"):
         from qpruner.builtin import VERSION
@@ -96,7 +97,7 @@ def model_fingerprint(name: str, cache_dir: Path) -> str:
 
 
 def prune_key(cfg: Config) -> str:
-    data = {"algorithm": ALGORITHM, "model": model_fingerprint(cfg.model.name, cfg.output.cache), "dtype": cfg.model.dtype,
+    data = {"algorithm": ALGORITHM, "model": model_fingerprint(cfg.model.name), "dtype": cfg.model.dtype,
             "prune": dataclasses.asdict(cfg.prune)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -127,6 +128,7 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     """Prune into a temp folder, write COMPLETE last, then rename into place."""
     from qpruner.data import calibration_texts
     from qpruner.model import load_model
+    from qpruner.prune.slimgpt import prune_slimgpt
     from qpruner.prune.taylor import prune_model
 
     started = time.time()
@@ -139,7 +141,8 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.prune.calibration.seq_len).input_ids
             batches.append(ids.to(device))
-    info = prune_model(model, batches, cfg.prune, progress)
+    prune = prune_slimgpt if cfg.prune.method == "slimgpt" and cfg.prune.ratio > 0 else prune_model
+    info = prune(model, batches, cfg.prune, progress)
     after = sum(p.numel() for p in model.parameters())
     meta = {
         "key": key, "source_model": cfg.model.name, "prune": dataclasses.asdict(cfg.prune),
@@ -157,15 +160,24 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prune_with_ray(cfg: Config, num_gpus: float = 0) -> PruneResult:
-    """Run `prune_cached` as a Ray task (on a GPU node when asked) and wait for it."""
+def prune_with_ray(cfg: Config, num_gpus: float = 0, progress: bool = False) -> PruneResult:
+    """Run `prune_cached` as a Ray task (on a GPU node when asked) and wait for it; the Tune driver calls this.
+
+    A user mistake found in the task (e.g. an unreachable ratio) is raised here as the same one-line error.
+    """
     import ray
+    from ray.exceptions import RayTaskError
 
     task = ray.remote(_prune_task).options(num_cpus=1, num_gpus=num_gpus)
-    return ray.get(task.remote(cfg.to_dict()))
+    try:
+        return ray.get(task.remote(cfg.to_dict(), progress))
+    except RayTaskError as exc:
+        if isinstance(exc.cause, QPrunerError):
+            raise exc.cause from None
+        raise
 
 
-def _prune_task(cfg_dict: dict) -> PruneResult:
+def _prune_task(cfg_dict: dict, progress: bool) -> PruneResult:
     from qpruner.config import config_from_dict
 
-    return prune_cached(config_from_dict(cfg_dict), progress=False)
+    return prune_cached(config_from_dict(cfg_dict), progress=progress)
