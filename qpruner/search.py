@@ -141,6 +141,16 @@ def initial_configs(importance: Sequence[float], bits: Sequence[int], n_init: in
     return out
 
 
+def initial_ranks(importance: Sequence[float], ranks: Sequence[int], n: int, temperature: float, seed: int) -> list[list[int]]:
+    """RankAdaptor's first guess for `n` points: each layer's LoRA rank drawn like its bits, so layers
+    that matter more start with more adapter capacity (index = floor(p * (k-1) + u), p from importance)."""
+    levels = sorted(set(ranks))
+    rng = np.random.default_rng(seed + 1)
+    p = bit_probabilities(importance, temperature)
+    draws = [np.floor(p * (len(levels) - 1) + rng.random(len(p))).clip(0, len(levels) - 1).astype(int) for _ in range(n)]
+    return [[levels[i] for i in idx] for idx in draws]
+
+
 def _level_costs(n_layers: int, levels: list[int], weight_fn: Callable[[list[int]], float]) -> np.ndarray:
     """(layers, levels) extra memory of putting one layer at each level, the others at the lowest."""
     lowest = [levels[0]] * n_layers

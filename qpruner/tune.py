@@ -206,27 +206,33 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
 
 
-def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict) -> tuple[list[list[int]], list[float] | None]:
-    """The importance-aware first bit vectors (QPruner's probabilistic decision), or random ones."""
+def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict) -> tuple[list[dict], list[float] | None]:
+    """The first Tune configs: importance-aware bit vectors (QPruner's probabilistic decision) or random
+    ones, with per-layer ranks drawn the same way when ranks are searched (anchors keep lora.rank)."""
     import ray
 
-    from qpruner.search import importance_task, initial_configs, random_configs
+    from qpruner.search import config_from_bits, importance_task, initial_configs, initial_ranks, random_configs
 
-    if cfg.search.init == "random":
-        return random_configs(n_layers, cfg.quant.bits, cfg.search.n_init, cfg.search.seed), None
+    search = cfg.search
+    if search.init == "random":
+        bits = random_configs(n_layers, cfg.quant.bits, search.n_init, search.seed)
+        ranks = random_configs(n_layers, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
+        return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
     task = ray.remote(importance_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     importance = ray.get(task.remote(cfg.to_dict(), pruned_path))
-    configs = initial_configs(
-        importance, cfg.quant.bits, cfg.search.n_init, cfg.search.temperature, cfg.search.seed, anchors=cfg.search.anchors
-    )
-    return configs, importance
+    bits = initial_configs(importance, cfg.quant.bits, search.n_init, search.temperature, search.seed, anchors=search.anchors)
+    ranks = [None] * len(bits)
+    if search.ranks:
+        n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0
+        ranks = ranks[:n_anchors] + initial_ranks(importance, search.ranks, len(bits) - n_anchors, search.temperature, search.seed)
+    return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance
 
 
 def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict, points: list, restore: bool):
     """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
     from ray import tune
 
-    from qpruner.search import config_from_bits, make_searcher, param_space
+    from qpruner.search import make_searcher, param_space
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_trainable, cfg_dict=cfg.to_dict(), pruned_path=pruned_path, n_layers=n_layers),
@@ -245,8 +251,7 @@ def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resourc
             grace_period=cfg.search.asha.grace_period,
             reduction_factor=cfg.search.asha.reduction_factor,
         )
-    initial = [config_from_bits(bits) for bits in points]
-    searcher = make_searcher(cfg, n_layers, initial)
+    searcher = make_searcher(cfg, n_layers, points)
     return tune.Tuner(
         trainable,
         param_space=param_space(n_layers, cfg.quant.bits, cfg.search.ranks),
@@ -315,7 +320,12 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     points: list = []
     if not restore:
         points, importance = first_configs(cfg, str(pruned.path), n_layers, resources)
-        (out / "importance.json").write_text(json.dumps({"importance": importance, "initial": points}))
+        from qpruner.search import bits_from_config, ranks_from_config
+
+        initial = {"initial": [bits_from_config(p, n_layers) for p in points]}
+        if cfg.search.ranks:
+            initial["initial_ranks"] = [ranks_from_config(p, n_layers) for p in points]
+        (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
     tuner = build_tuner(cfg, out, str(pruned.path), n_layers, resources, points, restore)
     grid = tuner.fit()
     finish(out, cfg, grid)

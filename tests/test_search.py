@@ -171,3 +171,13 @@ def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
     scores = importance_task(cfg.to_dict(), str(path))
     assert len(scores) == 6 and all(np.isfinite(scores)) and min(scores) > 0 and len(set(scores)) > 1
     assert scores == importance_task(cfg.to_dict(), str(path))  # deterministic
+
+
+def test_initial_ranks_give_important_layers_more_adapter_capacity():
+    from qpruner.search import initial_ranks
+
+    draws = initial_ranks([0.0, 1.0, 2.0, 3.0, 10.0, 11.0], [4, 8, 16], 50, 1.0, 0)
+    assert len(draws) == 50 and all(len(d) == 6 and set(d) <= {4, 8, 16} for d in draws)
+    mean = [sum(d[i] for d in draws) / 50 for i in range(6)]
+    assert mean[5] > mean[0] + 4 and mean[4] > mean[1]
+    assert initial_ranks([1.0] * 4, [8], 3, 1.0, 0) == [[8] * 4] * 3

@@ -131,3 +131,40 @@ def test_export_loads_without_qpruner_and_scores_as_reported(tiny_run, tiny_asse
             assert accuracy == pytest.approx(quant["accuracy"], abs=1e-9)
         else:  # merged full precision: same function up to the fp rounding of the fold
             assert abs(accuracy - quant["accuracy"]) <= 0.02
+
+
+def test_slimgpt_and_per_layer_ranks_end_to_end(tmp_path, tiny_assets):
+    """tune_configs/tiny_slimgpt_ranks.yaml, shortened: SlimGPT pruning, ranks searched per layer,
+    recorded in results.parquet, held by the trained adapters and carried by the export (rank_pattern)."""
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny_slimgpt_ranks.yaml").read_text())
+    raw["search"].update(num_samples=4, concurrency=2, asha={"enabled": False}, n_init=2)
+    raw["finetune"].update(steps=10, report_every=5)
+    raw["output"]["keep_adapters"] = "all"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    proc = run_cli(["qpruner.tune", "--config", str(recipe), "--out", str(out), "--no-dashboard"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned = json.loads((Path(json.loads((out / "run.json").read_text())["pruned_path"]) / "qpruner_prune.json").read_text())
+    assert pruned["prune"]["method"] == "slimgpt"
+    rows = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["status"] == "completed"]
+    assert len(rows) == 4
+    assert all(len(r["ranks"]) == len(r["bits"]) and set(r["ranks"]) <= {4, 8, 16} for r in rows)
+    assert len({tuple(r["ranks"]) for r in rows}) > 1, "the search never varied the ranks"
+    row = max(rows, key=lambda r: len(set(r["ranks"])))
+    target = tmp_path / "exported"
+    proc = run_cli(["qpruner.export", "--run", str(out), "--trial", row["trial_id"], "--out", str(target)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter_cfg = json.loads((target / "adapter" / "adapter_config.json").read_text())
+    for i, rank in enumerate(row["ranks"]):
+        effective = next((r for pattern, r in adapter_cfg["rank_pattern"].items() if f"layers.{i}." in pattern.replace("\\", "")),
+                         adapter_cfg["r"])
+        assert effective == rank, (i, adapter_cfg["rank_pattern"])
+    from safetensors.torch import load_file
+
+    state = load_file(target / "adapter" / "adapter_model.safetensors")
+    for key, tensor in state.items():
+        if "lora_A" in key:
+            layer = int(key.split(".layers.")[1].split(".")[0])
+            assert tensor.shape[0] == row["ranks"][layer], key
+    assert json.loads((target / "quantization.json").read_text())["ranks"] == row["ranks"]
