@@ -216,6 +216,8 @@ class SearchConfig:
     ranks: Optional[list[int]] = None  # RankAdaptor: also search each layer's LoRA rank
     max_failures: int = 0  # Tune retries of a failed trial
     seed: int = 0
+    # Reference rows measured after the search for the report: "unpruned" (zero-shot) and "uniform-16" (LoRA).
+    baselines: list[str] = field(default_factory=lambda: ["unpruned", "uniform-16"])
     asha: AshaConfig = field(default_factory=AshaConfig)
 
     def validate(self, path: str) -> None:
@@ -227,6 +229,9 @@ class SearchConfig:
             raise ConfigError(f"{path}.temperature", f"must be > 0, got {self.temperature}")
         if self.max_failures < 0:
             raise ConfigError(f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        unknown = [b for b in self.baselines if b not in ("unpruned", "uniform-16")]
+        if unknown:
+            raise ConfigError(f"{path}.baselines", f"unknown baseline {unknown[0]!r}; use a subset of [unpruned, uniform-16] or []")
         if self.ranks is not None:
             if not self.ranks or any(r <= 0 for r in self.ranks):
                 raise ConfigError(f"{path}.ranks", "must be null or a list of positive LoRA ranks, e.g. [4, 8, 16]")

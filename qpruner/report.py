@@ -39,7 +39,10 @@ def write_report(run_dir: str | Path) -> Path:
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config))
+    from qpruner.baselines import load as load_baselines
+
+    baselines = list(load_baselines(run).values())
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines))
     return run / "report.md"
 
 
@@ -47,8 +50,9 @@ def write_report(run_dir: str | Path) -> Path:
 # Markdown.
 
 
-def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str]) -> str:
-    """The whole report as Markdown text."""
+def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
+             baselines: Sequence[dict] = ()) -> str:
+    """The whole report as Markdown text; `baselines` are the rows of baselines.json."""
     rows = results.to_pylist()
     tasks = [c for c in results.column_names if c.startswith("acc_")]
     done = completed(results).to_pylist()
@@ -68,7 +72,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
               f"- Memory objective: {memory_sources(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
     lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first.", ""]
     lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
-    lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks)
+    lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines)
     lines += ["", "## Search progress", "", "![hypervolume vs completed trials](hypervolume.png)", "",
               "## Bits per layer on the front", "", "![bits per layer on the Pareto front](bits_heatmap.png)", ""]
     if early:
@@ -136,15 +140,17 @@ def memory_sources(rows: list[dict]) -> str:
     return f"measured peak for {measured} trials, analytic estimate for {len(sources) - measured}"
 
 
-def comparison_lines(done: list[dict], front: list[dict], tasks: list[str]) -> list[str]:
-    """The paper's rows when present: uniform-16 LoRA, uniform-4/-8 LoftQ, then the best mixed
-    configuration overall and the best mixed one within each uniform baseline's memory."""
-    uniform: dict[int, dict] = {}
+def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], baselines: Sequence[dict] = ()) -> list[str]:
+    """The paper's rows when present: the unpruned model and uniform-16 LoRA (baselines.json, measured
+    after the search), uniform-4/-8 LoftQ, then the best mixed configuration overall and the best mixed
+    one within each uniform configuration's memory."""
+    uniform: dict[int, dict] = {b["bits"][0]: b for b in baselines if b["trial_id"] == "baseline:uniform-16"}
     for r in done:
         if r["bits"] and len(set(r["bits"])) == 1:
             uniform.setdefault(r["bits"][0], r)
     mixed = [r for r in done if len(set(r["bits"])) > 1]
-    labelled = [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
+    labelled = [(b["label"], b) for b in baselines if b["trial_id"] == "baseline:unpruned"]
+    labelled += [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
     best = max(mixed, key=lambda r: r["accuracy"]) if mixed else None
     if best:
         labelled.append(("best mixed", best))
@@ -162,6 +168,10 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str]) -> l
     if not labelled:
         return ["No completed trial to compare yet."]
     note = [] if uniform else ["No uniform-precision trial completed (search.anchors: true adds them).", ""]
+    if any(b["trial_id"] == "baseline:unpruned" for b in baselines):
+        note += ["The unpruned model is evaluated zero-shot as loaded; its memory column is empty because it was "
+                 "not fine-tuned (its weights alone take "
+                 f"{next(b for b in baselines if b['trial_id'] == 'baseline:unpruned')['weight_bytes'] / GB:.4f} GB).", ""]
     table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled])
     return note + table + ([""] + deltas if deltas else [])
 

@@ -328,6 +328,10 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
     tuner = build_tuner(cfg, out, str(pruned.path), n_layers, resources, points, restore)
     grid = tuner.fit()
+    if cfg.search.baselines:
+        from qpruner.baselines import run_baselines
+
+        run_baselines(cfg, out, str(pruned.path), n_layers, resources)
     finish(out, cfg, grid)
     print(f"[qpruner] search took {time.time() - started:.1f}s", flush=True)
     return out

@@ -30,14 +30,16 @@ def tiny_config():
 
 @pytest.fixture()
 def make_recipe(tmp_path):
-    """Write tune_configs/tiny.yaml with `search` overrides to tmp_path; returns its path."""
+    """Write tune_configs/tiny.yaml with `search` overrides to tmp_path; returns its path.
+
+    Baselines are off unless asked for: only the end-to-end test needs them."""
     from pathlib import Path
 
     import yaml
 
     def write(**search):
         raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_configs" / "tiny.yaml").read_text())
-        raw["search"].update(search)
+        raw["search"].update({"baselines": [], **search})
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path

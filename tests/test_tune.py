@@ -61,8 +61,24 @@ def test_search_writes_consistent_results_and_front(tiny_run):
     assert {r["trial_id"] for r in front} == expected
     assert failed["trial_id"] not in expected
     assert (out / "pareto.png").stat().st_size > 10_000
-    assert (out / "report.md").is_file()
     assert "[qpruner] trials finished" in proc.stdout
+
+
+def test_report_compares_with_the_measured_baselines(tiny_run):
+    """The paper's rows: unpruned (zero-shot) and uniform-16 LoRA measured after the search, beside the anchors."""
+    out, _, _ = tiny_run
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert set(baselines) == {"unpruned", "uniform-16"}
+    assert baselines["unpruned"]["memory_bytes"] is None and baselines["unpruned"]["weight_bytes"] > 0
+    sixteen = baselines["uniform-16"]
+    assert sixteen["bits"] == [16] * len(sixteen["bits"]) and 0 <= sixteen["accuracy"] <= 1
+    front = pq.read_table(out / "results.parquet").to_pylist()
+    assert sixteen["memory_bytes"] > max(r["memory_bytes"] for r in front if r["memory_bytes"])  # 16-bit costs most
+    report = (out / "report.md").read_text()
+    comparison = report.split("## Comparison with uniform precision")[1].split("##")[0]
+    for label in ("unpruned, no fine-tuning", "uniform-16 LoRA", "uniform-4 LoftQ"):  # the uniform-8 anchor is made to fail
+        assert f"| {label} |" in comparison, label
+    assert f"{sixteen['accuracy']:.3f}" in comparison
 
 
 def test_first_trials_are_the_importance_aware_configs(tiny_run):
@@ -137,7 +153,7 @@ def test_slimgpt_and_per_layer_ranks_end_to_end(tmp_path, tiny_assets):
     """tune_configs/tiny_slimgpt_ranks.yaml, shortened: SlimGPT pruning, ranks searched per layer,
     recorded in results.parquet, held by the trained adapters and carried by the export (rank_pattern)."""
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny_slimgpt_ranks.yaml").read_text())
-    raw["search"].update(num_samples=4, concurrency=2, asha={"enabled": False}, n_init=2)
+    raw["search"].update(num_samples=4, concurrency=2, asha={"enabled": False}, n_init=2, baselines=[])
     raw["finetune"].update(steps=10, report_every=5)
     raw["output"]["keep_adapters"] = "all"
     recipe = tmp_path / "recipe.yaml"

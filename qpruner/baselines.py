@@ -1,0 +1,72 @@
+"""The paper's reference rows, measured after the search: the unpruned model (zero-shot, no fine-tuning)
+and the pruned model with plain LoRA at uniform 16 bits. The uniform 4- and 8-bit LoftQ rows come from
+the search's own anchor trials. Results go to RUN_DIR/baselines.json, one entry as each finishes, so
+a rerun (or `--resume`) only measures what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qpruner.config import Config, config_from_dict
+
+FILE = "baselines.json"
+LABELS = {"unpruned": "unpruned, no fine-tuning", "uniform-16": "uniform-16 LoRA"}
+
+
+def load(run: Path) -> dict[str, dict]:
+    """{baseline name: row} already measured in this run (empty if none)."""
+    path = Path(run) / FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
+    """Ray task body: one baseline as a row shaped like a results.parquet row."""
+    cfg = config_from_dict({**cfg_dict, "quant": {**cfg_dict["quant"], "bits": [4, 8, 16]}})  # 16: outside the search space
+    if name == "uniform-16":
+        from qpruner.trial import run_trial
+
+        result = run_trial(cfg, pruned_path, [16] * n_layers)
+        return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"])
+    return unpruned(cfg)
+
+
+def unpruned(cfg: Config) -> dict:
+    """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
+    import torch
+
+    from qpruner.evaluate import evaluate_model
+    from qpruner.memory import weight_bytes
+    from qpruner.model import load_model
+
+    device = "cuda" if torch.cuda.is_available() and cfg.resources.gpu != 0 else "cpu"
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device)
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
+    return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],
+               {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights)
+
+
+def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int) -> dict:
+    return {"trial_id": f"baseline:{name}", "label": LABELS[name], "bits": bits, "accuracy": accuracy,
+            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()}}
+
+
+def run_baselines(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict) -> dict[str, dict]:
+    """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all."""
+    import ray
+
+    done = load(out)
+    todo = [b for b in cfg.search.baselines if b not in done]
+    if not todo:
+        return done
+    print(f"[qpruner] baselines: measuring {', '.join(todo)}", flush=True)
+    task = ray.remote(measure).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    pending = {task.remote(b, cfg.to_dict(), pruned_path, n_layers): b for b in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending))
+        name = pending.pop(ready[0])
+        done[name] = ray.get(ready[0])
+        (out / FILE).write_text(json.dumps(done, indent=1))
+    return done
