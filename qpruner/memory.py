@@ -98,6 +98,20 @@ def model_shapes(model) -> ModelShapes:
     return ModelShapes(layers, other)
 
 
+def shapes_from_config(config: dict) -> ModelShapes:
+    """ModelShapes of a pruned model from its config.json (`qpruner_layers`), without loading weights;
+    `other_bytes` is left 0 (it does not depend on the bits)."""
+    hidden, head_dim = config["hidden_size"], config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    attn_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    layers = []
+    for shape in config["qpruner_layers"]:
+        q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+        inter = shape["intermediate_size"]
+        layers.append([(q, hidden, attn_bias), (kv, hidden, attn_bias), (kv, hidden, attn_bias), (hidden, q, attn_bias),
+                       (inter, hidden, mlp_bias), (inter, hidden, mlp_bias), (hidden, inter, mlp_bias)])
+    return ModelShapes(layers, 0)
+
+
 def weight_bytes(model_or_shapes, bits: Sequence[int], qcfg: QuantConfig) -> dict:
     """Exact bytes of the quantized model: {"layers": per-layer bytes, "other": unquantized rest, "total"}.
 

@@ -220,7 +220,11 @@ def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict)
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
     task = ray.remote(importance_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     importance = ray.get(task.remote(cfg.to_dict(), pruned_path))
-    bits = initial_configs(importance, cfg.quant.bits, search.n_init, search.temperature, search.seed, anchors=search.anchors)
+    from qpruner.memory import shapes_from_config, weight_bytes
+
+    shapes = shapes_from_config(json.loads((Path(pruned_path) / "config.json").read_text()))
+    bits = initial_configs(importance, cfg.quant.bits, search.n_init, search.temperature, search.seed, anchors=search.anchors,
+                           weight_fn=lambda b: weight_bytes(shapes, b, cfg.quant)["total"])  # pruned layers differ in size
     ranks = [None] * len(bits)
     if search.ranks:
         n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0

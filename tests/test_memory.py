@@ -140,3 +140,21 @@ def test_activation_estimate_is_close_to_what_autograd_saves(pruned):
     estimate = activation_bytes(peft_model, cfg)
     print(f"autograd saved {saved} bytes, estimate {estimate} ({estimate / saved:.2f}x)")
     assert 0.7 * saved < estimate < 1.4 * saved
+
+
+def test_shapes_from_config_match_the_loaded_pruned_model(tiny_assets, tmp_path):
+    """The search prices bit vectors from config.json alone; that must equal the bytes of the real model."""
+    import json
+
+    from qpruner.config import config_from_dict
+    from qpruner.memory import model_shapes, shapes_from_config, weight_bytes
+    from qpruner.prune import load_pruned, prune_cached
+
+    cfg = config_from_dict({"prune": {"ratio": 0.3, "method": "slimgpt"}})  # layers of different widths
+    path = prune_cached(cfg, progress=False).path
+    from_config = shapes_from_config(json.loads((path / "config.json").read_text()))
+    from_model = model_shapes(load_pruned(path)[0])
+    assert from_config.layers == from_model.layers
+    assert len({tuple(layer) for layer in from_config.layers}) > 1
+    for bits in ([4] * 6, [8, 4, 16, 4, 8, 4]):
+        assert weight_bytes(from_config, bits, cfg.quant)["layers"] == weight_bytes(from_model, bits, cfg.quant)["layers"]
