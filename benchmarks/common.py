@@ -37,3 +37,44 @@ def write_result(name: str, result: dict) -> Path:
     path.write_text(json.dumps(payload, indent=1))
     print(json.dumps(payload, indent=1))
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(**sections) -> dict:
+    """tune_configs/tiny.yaml as a dict, with sections updated key by key ({"prune": {"ratio": 0.5}})."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def run_search(raw: dict, out: Path, env: dict | None = None) -> float:
+    """`python -m qpruner.tune` on this recipe into `out` (replacing it); returns wall seconds."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "qpruner.tune", "--config", str(recipe), "--out", str(out),
+                           "--overwrite", "--no-dashboard"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"search failed: {proc.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def mean_std(values) -> dict:
+    """{"mean", "std", "n", "values"}: the spread over repeated seeds."""
+    import statistics
+
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}

@@ -1,0 +1,108 @@
+"""The latest results as one Markdown table: `python -m benchmarks.summary` rewrites the block between
+the results markers in benchmarks/README.md (and prints it), so the table never drifts from the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+README = Path(__file__).resolve().parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pm(stat: dict, digits: int = 3) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def machine(result: dict) -> str:
+    m = result["machine"]
+    return f"{m.get('gpu') or str(m['cpu_count']) + ' CPU cores'}, {result['date'][:10]}"
+
+
+def paper_rows(r: dict) -> list[str]:
+    rows = []
+    for study in r["ratios"]:
+        arms = study["arms"]
+        base = arms["LoRA uniform-16"]
+        cells = ", ".join(f"{name} {pm(a['accuracy'])} ({a['weight_bytes'] / base['weight_bytes']:.2f}x weights)"
+                          for name, a in arms.items())
+        rows.append(f"| 1. paper comparison, {study['ratio']:.0%} pruned (tiny, {len(r['seeds'])} seeds) | {cells} | {machine(r)} |")
+        mem = study["llama7b_memory"]
+        rows.append(f"| 1. same patterns priced on LLaMA-7B at {study['ratio']:.0%} (shapes only, est. peak, mb 4 x 256) | "
+                    + ", ".join(f"{k}: weights {v['weights_gb']:.2f} GiB, peak {v['peak_estimate_gb']:.2f} GiB" for k, v in mem.items())
+                    + f"; paper: LoRA-16 {r['paper']['lora16_gb']} GB, LoftQ-4 {r['paper']['loftq4_gb']} GB | analytic |")
+    return rows
+
+
+def search_rows(r: dict) -> list[str]:
+    arms = r["arms"]
+    cells = ", ".join(f"{name}: {a['fraction_of_best_hv']['mean']:.3f} of best hv in {a['trial_compute_s']['mean'] / 60:.1f} min"
+                      f" (ASHA saved {a['asha_steps_saved']['mean']:.0f} steps)" if "ASHA" in name else
+                      f"{name}: {a['fraction_of_best_hv']['mean']:.3f} of best hv in {a['trial_compute_s']['mean'] / 60:.1f} min"
+                      for name, a in arms.items())
+    claim = "; ".join(f"{k}: {'yes' if v['at_most_half'] else 'no'} (fractions {[None if f is None else round(f, 2) for f in v['fraction']]})"
+                      for k, v in r["claims"].items())
+    return [f"| 2. search efficiency ({r['trials_per_search']} trials, {r['seeds']} seeds, replay of all 64 tiny configs) | {cells} | {machine(r)} |",
+            f"| 2. claim: importance+GP reaches random-init+GP's final hypervolume in <= half the compute | {claim} | {machine(r)} |"]
+
+
+def overhead_rows(r: dict) -> list[str]:
+    o, p, c, lq = r["orchestration"], r["packing"], r["prune_once"], r["loftq_cache"]
+    s = r["suggestion_cost"]
+    return [
+        f"| 3. orchestration overhead (goal <= 5%) | {o['overhead_fraction_of_span']:.1%} of the trials' span; "
+        f"{o['overhead_fraction_of_cli_run']:.1%} of the whole CLI run (Ray start, prune, importance included) | {machine(r)} |",
+        "| 3. packing: trials/hour per device | " + ", ".join(f"{k}: {v['trials_per_hour']:.0f}" for k, v in p.items()) + f" | {machine(r)} |",
+        f"| 3. prune once | prune task {c['prune_task_s']:.1f} s = {c['fraction_of_search']:.1%} of the search; "
+        f"second run {c['second_run_prune_s']:.2f} s (cache hit) | {machine(r)} |",
+        f"| 3. LoftQ cache | first trial {lq['first_trial_loftq_s']:.2f} s; later trials "
+        f"{', '.join(f'{x:.2f}' for x in lq['later_trials_loftq_s'])} s | {machine(r)} |",
+        f"| 3. search cost per suggestion (32 layers, 40 trials) | GP {s['gp']['seconds_median']:.2f} s / {s['gp']['peak_mb_median']:.1f} MB, "
+        f"TPE {s['tpe']['seconds_median']:.3f} s / {s['tpe']['peak_mb_median']:.1f} MB (paper's GP: 7 s, 187 MB) | {machine(r)} |",
+    ]
+
+
+def seed_rows(r: dict) -> list[str]:
+    p = r["pruning_30pct"]
+    cells = "; ".join(f"{m}: ppl {v['heldout_ppl_no_finetune']:.3f}, acc {v['accuracy_no_finetune']:.3f} before / "
+                      f"u4 {pm(v['uniform-4 after recovery'])}, u8 {pm(v['uniform-8 after recovery'])} after, prune {v['prune_seconds']:.1f} s"
+                      for m, v in p.items())
+    ranks = "; ".join(f"{k}: hv {pm(v['hypervolume_acc_x_mib'], 4)}, best acc {pm(v['best_accuracy'])}" for k, v in r["ranks"]["arms"].items())
+    return [f"| 5. SlimGPT vs Taylor, 30% (tiny) | {cells} | {machine(r)} |",
+            f"| 5. searched ranks [4, 8, 16] vs fixed rank 8 (tiny, 8-trial searches) | {ranks} | {machine(r)} |"]
+
+
+def gpu_rows(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [f"| 4. GPU memory, LLaMA-7B shape at 20% | not run: {r['skipped']} | {machine(r)} |"]
+    cells = ", ".join(f"{k}: peak {v['peak_gb']:.2f} GB, step {v['step_s']:.2f} s, {v['trials_per_gpu']} per GPU" for k, v in r["results"].items())
+    return [f"| 4. GPU memory, LLaMA-7B shape at 20% | {cells}; paper {r['paper_gb']} | {machine(r)} |"]
+
+
+def table() -> str:
+    lines = ["| study | result | machine, date |", "| --- | --- | --- |"]
+    for name, rows in (("paper_comparison", paper_rows), ("search_efficiency", search_rows), ("overheads", overhead_rows),
+                       ("gpu_memory", gpu_rows), ("seed_methods", seed_rows)):
+        result = load(name)
+        lines += rows(result) if result else [f"| {name} | not run yet | |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = table()
+    print(text)
+    readme = README.read_text()
+    if START in readme and END in readme:
+        head, rest = readme.split(START, 1)
+        README.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
