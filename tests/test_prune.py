@@ -69,8 +69,8 @@ def test_save_load_round_trip_is_exact(cache):
 def test_taylor_importance_beats_random_groups(cache, tiny_config):
     """On builtin:tiny at 30%, Taylor-ranked pruning keeps task accuracy clearly above random groups.
 
-    Measured: Taylor 0.764 mean acc; random seeds 1-4: 0.491, 0.827, 0.776, 0.539 (mean 0.658).
-    Random pruning is erratic on this small model (one seed even beats the unpruned 0.745); Taylor is
+    Measured: Taylor 0.752 mean acc; random seeds 1-4: 0.479, 0.627, 0.755, 0.636 (mean 0.624).
+    Random pruning is erratic on this small model (one seed matches Taylor); Taylor is
     compared against the random mean over four seeds.
     """
     from qpruner.evaluate import evaluate_model
@@ -129,7 +129,7 @@ def test_taylor_perplexity_beats_random(heldout_ppl):
     dense = ppl()
     taylor = ppl(prune_attention=False)
     randoms = [ppl(prune_attention=False, method="random", calibration={"seed": s}) for s in (1, 2, 3)]
-    with_heads = ppl()
+    with_heads = ppl(method="taylor")
     randoms_heads = [ppl(method="random", calibration={"seed": s}) for s in (1, 2, 3)]
     print(f"held-out ppl at 30%: dense {dense:.3f}; MLP only: taylor {taylor:.3f}, random {[round(r, 3) for r in randoms]}; "
           f"heads+MLP: taylor {with_heads:.3f}, random {[round(r, 3) for r in randoms_heads]}")
@@ -260,7 +260,7 @@ def test_slimgpt_structure_and_perplexity_against_taylor(cache, heldout_ppl):
     """SlimGPT at 30%, no fine-tuning: the overall ratio holds, deeper layers lose more, and held-out
     perplexity is compared with Taylor's (the SlimGPT paper's claim: OBS compensation keeps it lower).
 
-    Measured on builtin:tiny (dense 1.669): heads+MLP taylor 1.898, slimgpt 1.790; MLP only (both barely
+    Measured on builtin:tiny (dense 1.666): heads+MLP taylor 1.898, slimgpt 1.790; MLP only (both barely
     above dense) taylor 1.6764, slimgpt 1.6764. So the claim holds where pruning hurts (whole heads go)
     and is a tie where it does not; the test asserts exactly that.
     """
