@@ -1,0 +1,262 @@
+"""Study 2: how fast each search strategy finds the accuracy/memory front, with and without ASHA.
+
+A tabular replay. Phase 1 runs every bit vector of the tiny model (2^6 = 64 at 4/8 bits, 30% Taylor
+pruning, tiny.yaml's trial settings) once for real and records its validation curve, final test
+accuracy, memory and the seconds each report took (benchmarks/results/search_table_tiny.json; reused
+unless --rebuild). Phase 2 runs each arm as a real Ray Tune + OptunaSearch (+ ASHA) search whose
+trainable replays the recorded trial, so arms differ only in what they choose and when they stop;
+a trial's compute is the recorded seconds up to where it stopped.
+
+Arms (3 seeds each, with and without ASHA): importance-aware init + GP (qpruner), random init + GP
+(the paper's protocol: 10 random points, then BO), importance init + TPE, and random search.
+Memory objective: the exact weight bytes (--memory weights, default), which dominate a 7B model's
+fine-tuning peak; on the tiny model the estimated peak is 99% activations, so it barely varies
+between bit patterns (--memory peak uses it anyway). Hypervolume: accuracy above the table's worst
+final accuracy, memory below 1.1 x its largest.
+
+    python -m benchmarks.search_efficiency [--trials 20] [--seeds 3] [--rebuild]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, mean_std, tiny_recipe, write_result
+
+TABLE = RESULTS / "search_table_tiny.json"
+ARMS = {  # name: (sampler, init, n_init)
+    "importance+GP": ("gp", "importance", 4),
+    "random-init+GP": ("gp", "random", 10),
+    "importance+TPE": ("tpe", "importance", 4),
+    "random search": ("random", "none", 0),
+}
+
+
+def build_table(raw: dict) -> dict:
+    """Run all 2^L bit vectors for real; keep each one's report curve and final result."""
+    from tqdm.auto import tqdm
+
+    from qpruner.config import config_from_dict
+    from qpruner.prune import prune_cached, pruned_layer_count
+    from qpruner.search import importance_task
+
+    cfg = config_from_dict(raw)
+    pruned = prune_cached(cfg, progress=False)
+    n = pruned_layer_count(pruned.path)
+    rows = {}
+    for bits in tqdm(list(itertools.product(*[cfg.quant.bits] * n)), desc="phase 1: every configuration"):
+        rows[",".join(map(str, bits))] = run_recorded(cfg, str(pruned.path), list(bits))
+    return {"n_layers": n, "importance": importance_task(cfg.to_dict(), str(pruned.path)),
+            "max_steps": cfg.finetune.steps, "rows": rows}
+
+
+def run_recorded(cfg, pruned_path: str, bits: list[int]) -> dict:
+    from qpruner.trial import run_trial
+
+    curve, started = [], time.perf_counter()
+
+    def report(metrics: dict) -> None:
+        curve.append({"step": metrics["step"], "val_acc": metrics["val_acc"], "seconds": time.perf_counter() - started})
+
+    result = run_trial(cfg, pruned_path, bits, report=report)
+    return {"curve": curve, "accuracy": result["accuracy"], "memory_gb": result["memory_gb"],
+            "memory_bytes": result["memory_bytes"], "seconds": time.perf_counter() - started}
+
+
+def add_weight_bytes(table: dict, raw: dict) -> None:
+    """Every row's exact weight bytes, from the pruned model's shapes (no trial needed)."""
+    from qpruner.config import config_from_dict
+    from qpruner.memory import shapes_from_config, weight_bytes
+    from qpruner.prune import prune_cached
+
+    cfg = config_from_dict(raw)
+    config = json.loads((prune_cached(cfg, progress=False).path / "config.json").read_text())
+    shapes = shapes_from_config(config)
+    for key, row in table["rows"].items():
+        row["weight_bytes"] = weight_bytes(shapes, [int(b) for b in key.split(",")], cfg.quant)["total"]
+
+
+def use_memory(table: dict, which: str) -> None:
+    """Make `which` (weights or peak) the memory objective the replayed trials report."""
+    for row in table["rows"].values():
+        if "peak_bytes" not in row:
+            row["peak_bytes"] = row["memory_bytes"]
+        row["memory_bytes"] = row["weight_bytes"] if which == "weights" else row["peak_bytes"]
+        row["memory_gb"] = row["memory_bytes"] / 1024**3
+
+
+def replay(config: dict, table: dict) -> None:
+    """Tune trainable: report the recorded curve of this configuration, then its final result."""
+    from ray import tune
+
+    from qpruner.search import bits_from_config
+
+    row = table["rows"][",".join(map(str, bits_from_config(config, table["n_layers"])))]
+    for point in row["curve"]:
+        tune.report({"val_acc": point["val_acc"], "accuracy": point["val_acc"], "memory_gb": row["memory_gb"],
+                     "seconds": point["seconds"], "step": point["step"], "final": False})
+    tune.report({"val_acc": row["curve"][-1]["val_acc"] if row["curve"] else 0.0, "accuracy": row["accuracy"],
+                 "memory_gb": row["memory_gb"], "seconds": row["seconds"], "step": table["max_steps"], "final": True})
+
+
+def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storage: Path) -> list[dict]:
+    """One real Tune + Optuna search over the recorded table; the trials in creation order."""
+    from ray import tune
+
+    from qpruner.config import config_from_dict
+    from qpruner.search import bits_from_config, config_from_bits, initial_configs, make_searcher, param_space, random_configs
+
+    sampler, init, n_init = ARMS[arm]
+    n = table["n_layers"]
+    cfg = config_from_dict(tiny_recipe(search={"sampler": sampler, "seed": seed, "n_init": n_init,
+                                               "init": "random" if init == "random" else "importance"}))
+    if init == "importance":
+        points = initial_configs(table["importance"], cfg.quant.bits, n_init, cfg.search.temperature, seed)
+    elif init == "random":
+        points = random_configs(n, cfg.quant.bits, n_init, seed)
+    else:
+        points = []
+    scheduler = None
+    if asha:
+        reports = len(next(iter(table["rows"].values()))["curve"]) + 1
+        scheduler = tune.schedulers.ASHAScheduler(metric="val_acc", mode="max", time_attr="training_iteration",
+                                                  max_t=reports, grace_period=1, reduction_factor=2)
+    tuner = tune.Tuner(
+        tune.with_parameters(replay, table=table),
+        param_space=param_space(n, cfg.quant.bits),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points]),
+                                    scheduler=scheduler, num_samples=trials),
+        run_config=tune.RunConfig(storage_path=str(storage), name=f"{arm}-{asha}-{seed}".replace(" ", "_").replace("+", "_"),
+                                  verbose=0),
+    )
+    grid = tuner.fit()
+    out = []
+    for result in grid:
+        m = result.metrics
+        out.append({"trial_id": m["trial_id"], "bits": bits_from_config(result.config, n), "final": bool(m.get("final")),
+                    "accuracy": m["accuracy"], "memory_bytes": int(m["memory_gb"] * 1024**3), "seconds": m["seconds"],
+                    "steps": m["step"]})
+    return sorted(out, key=lambda r: r["trial_id"])
+
+
+def hv_curve(trials: list[dict], ref: tuple[float, float]) -> list[tuple[int, float, float]]:
+    """(trials done, trial compute seconds so far, hypervolume of the completed ones) after each trial."""
+    from qpruner.pareto import hypervolume
+
+    curve, seconds, acc, mem = [], 0.0, [], []
+    for i, t in enumerate(trials, 1):
+        seconds += t["seconds"]
+        if t["final"]:
+            acc.append(t["accuracy"])
+            mem.append(t["memory_bytes"])
+        curve.append((i, seconds, hypervolume(acc, mem, *ref)))
+    return curve
+
+
+def seconds_to_reach(curve, target: float):
+    return next((s for _, s, hv in curve if hv >= target - 1e-12), None)
+
+
+def plot(summary: dict, best_hv: float, path: Path) -> None:
+    """Hypervolume (as a fraction of the best possible) against trials and against trial compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for (arm, asha), runs in summary.items():
+        curves = np.array([[hv / best_hv for _, _, hv in c] for c in runs["curves"]])
+        secs = np.array([[s for _, s, _ in c] for c in runs["curves"]]).mean(0) / 60
+        trials = np.arange(1, curves.shape[1] + 1)
+        kw = dict(color=colours[arm], ls="-" if asha else "--", label=f"{arm}{' + ASHA' if asha else ''}")
+        for ax, x in ((axes[0], trials), (axes[1], secs)):
+            ax.plot(x, curves.mean(0), **kw)
+            if not asha:
+                ax.fill_between(x, curves.min(0), curves.max(0), color=colours[arm], alpha=0.08)
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("hypervolume / hypervolume of all 64 configurations")
+    axes[0].set_xlabel("trials finished")
+    axes[1].set_xlabel("trial compute (minutes, mean over seeds)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Search efficiency on builtin:tiny (30% pruned, 4/8 bits per layer): mean of seeds, band = min..max without ASHA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rebuild", action="store_true", help="re-run phase 1 even if the table exists")
+    parser.add_argument("--memory", choices=["weights", "peak"], default="weights", help="the memory objective")
+    args = parser.parse_args()
+    if args.rebuild or not TABLE.is_file():
+        TABLE.parent.mkdir(parents=True, exist_ok=True)
+        TABLE.write_text(json.dumps(build_table(tiny_recipe()), indent=0))
+    table = json.loads(TABLE.read_text())
+    add_weight_bytes(table, tiny_recipe())
+    use_memory(table, args.memory)
+    rows = list(table["rows"].values())
+    ref = (min(r["accuracy"] for r in rows), 1.1 * max(r["memory_bytes"] for r in rows) / 1024**3)
+    from qpruner.pareto import hypervolume
+
+    best_hv = hypervolume([r["accuracy"] for r in rows], [r["memory_gb"] for r in rows], *ref)
+    to_gb = lambda trials: [{**t, "memory_bytes": t["memory_bytes"] / 1024**3} for t in trials]  # noqa: E731
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    summary = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm, asha in itertools.product(ARMS, (False, True)):
+            curves, saved = [], []
+            for seed in range(args.seeds):
+                trials = search_arm(table, arm, asha, seed, args.trials, Path(tmp))
+                curves.append(hv_curve(to_gb(trials), ref))
+                saved.append(sum(table["max_steps"] - t["steps"] for t in trials if not t["final"]))
+            summary[(arm, asha)] = {"curves": curves, "steps_saved": saved}
+            print(f"[search_efficiency] {arm} asha={asha}: final hv / best {[round(c[-1][2] / best_hv, 3) for c in curves]}", flush=True)
+    ray.shutdown()
+
+    results = {}
+    for (arm, asha), runs in summary.items():
+        results[f"{arm}{' + ASHA' if asha else ''}"] = {
+            "final_hypervolume": mean_std(c[-1][2] for c in runs["curves"]),
+            "trial_compute_s": mean_std(c[-1][1] for c in runs["curves"]),
+            "fraction_of_best_hv": mean_std(c[-1][2] / best_hv for c in runs["curves"]),
+            "asha_steps_saved": mean_std(runs["steps_saved"]),
+            "curves": [[list(p) for p in c] for c in runs["curves"]],
+        }
+    claims = {}
+    for asha in (False, True):
+        suffix = " + ASHA" if asha else ""
+        target = results[f"random-init+GP{suffix}"]["final_hypervolume"]["mean"]
+        full = results[f"random-init+GP{suffix}"]["trial_compute_s"]["mean"]
+        reach = [seconds_to_reach(c, target) for c in summary[("importance+GP", asha)]["curves"]]
+        claims[f"importance+GP{suffix} compute to reach random-init+GP final hv"] = {
+            "seconds": reach, "random_init_total_s": full,
+            "fraction": [None if s is None else s / full for s in reach],
+            "at_most_half": all(s is not None and s <= 0.5 * full for s in reach)}
+    png = RESULTS / "search_efficiency.png"
+    plot(summary, best_hv, png)
+    write_result("search_efficiency", {
+        "model": "builtin:tiny, 30% Taylor pruning, bits {4, 8} per layer (64 configurations)",
+        "memory_objective": args.memory,
+        "trials_per_search": args.trials, "seeds": args.seeds, "reference_point": {"accuracy": ref[0], "memory_gb": ref[1]},
+        "hypervolume_all_configs": best_hv, "table_seconds": sum(r["seconds"] for r in rows),
+        "arms": results, "claims": claims, "plot": png.name})
+
+
+if __name__ == "__main__":
+    main()
