@@ -57,7 +57,8 @@ def overhead_rows(r: dict) -> list[str]:
     o, p, c, lq = r["orchestration"], r["packing"], r["prune_once"], r["loftq_cache"]
     s = r["suggestion_cost"]
     return [
-        f"| 3. orchestration overhead (goal <= 5%) | {o['overhead_fraction_of_span']:.1%} of the trials' span; "
+        f"| 3. orchestration overhead (goal <= 5%) | {o['overhead_fraction_of_span']:.1%} of the trials' span "
+        f"({o['per_trial_overhead_s']:.1f} s per trial of {o['median_trial_s']:.0f} s); "
         f"{o['overhead_fraction_of_cli_run']:.1%} of the whole CLI run (Ray start, prune, importance included) | {machine(r)} |",
         "| 3. packing: trials/hour per device | " + ", ".join(f"{k}: {v['trials_per_hour']:.0f}" for k, v in p.items()) + f" | {machine(r)} |",
         f"| 3. prune once | prune task {c['prune_task_s']:.1f} s = {c['fraction_of_search']:.1%} of the search; "
