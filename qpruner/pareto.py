@@ -335,8 +335,9 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
         ax.scatter(f_mem, f_acc, c="tab:red", s=48, zorder=3, label=f"Pareto front ({len(f_mem)})")
     for name, (mem, acc) in sorted(baselines.items(), key=lambda kv: kv[1][0]):
         ax.scatter([mem / GB], [acc], marker="*", s=200, c="tab:blue", edgecolors="white", zorder=4)
-        ax.annotate(name, (mem / GB, acc), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=10,
-                    color="tab:blue", fontweight="bold")
+        near_right = xs and mem / GB > min(xs) + 0.8 * (max(xs) - min(xs))  # keep the label inside the axes
+        ax.annotate(name, (mem / GB, acc), textcoords="offset points", xytext=(0, 9), ha="right" if near_right else "center",
+                    fontsize=10, color="tab:blue", fontweight="bold")
     if baselines:
         ax.scatter([], [], marker="*", s=120, c="tab:blue", label="uniform-precision baselines")
     if xs:  # the rug is not in data coordinates on y, so set the memory range by hand

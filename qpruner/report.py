@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from qpruner.errors import QPrunerError
 from qpruner.pareto import (
     GB, compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point,
+    uniform_baselines,
 )
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
@@ -35,13 +36,15 @@ def write_report(run_dir: str | Path) -> Path:
     front = front_table(results)
     ref = reference_point(results)
     curve = hypervolume_curve(results, ref)
-    plot_front(results, front, run / "pareto.png")
-    plot_hypervolume(curve, ref, run / "hypervolume.png")
-    plot_bits(front.to_pylist(), run / "bits_heatmap.png")
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     from qpruner.baselines import load as load_baselines
 
     baselines = list(load_baselines(run).values())
+    stars = {**uniform_baselines(results), **{b["label"]: (b["memory_bytes"], b["accuracy"]) for b in baselines
+                                              if b["memory_bytes"] is not None}}
+    plot_front(results, front, run / "pareto.png", stars)
+    plot_hypervolume(curve, ref, run / "hypervolume.png")
+    plot_bits(front.to_pylist(), run / "bits_heatmap.png")
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines))
     return run / "report.md"
 
