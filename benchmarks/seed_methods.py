@@ -12,27 +12,18 @@
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 
 from benchmarks.common import mean_std, run_search, tiny_recipe, write_result
-
-
-def heldout_perplexity(model, tok, docs: list[str]) -> float:
-    batch = tok(docs, return_tensors="pt", padding=True)
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    with torch.no_grad():
-        return math.exp(model(**batch, labels=labels).loss.item())
 
 
 def pruning(work: Path, seeds: list[int]) -> dict:
     from qpruner.builtin import ensure_tiny
     from qpruner.config import config_from_dict
-    from qpruner.evaluate import evaluate_model
+    from qpruner.evaluate import evaluate_model, perplexity
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import run_trial
 
@@ -57,7 +48,7 @@ def pruning(work: Path, seeds: list[int]) -> dict:
                               [bits] * 6)["accuracy"] for s in seeds]
             arms[f"uniform-{bits} after recovery"] = mean_std(accs)
         out[method] = {"prune_seconds": pruned.seconds, "overall_ratio": pruned.overall_ratio,
-                       "heldout_ppl_no_finetune": heldout_perplexity(model, tok, docs),
+                       "heldout_ppl_no_finetune": perplexity(model, tok, docs),
                        "accuracy_no_finetune": before["mean_acc"], **arms}
         print(f"[seed_methods] {method}: {out[method]}", flush=True)
     return out

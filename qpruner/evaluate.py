@@ -212,3 +212,11 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
         if handler is not None:
             logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def perplexity(model: torch.nn.Module, tokenizer, docs: Sequence[str]) -> float:
+    """Token-level perplexity of `docs` in one padded batch (padding masked out): the pruning studies' measure."""
+    batch = tokenizer(list(docs), return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    with torch.no_grad():
+        return float(torch.exp(model(**batch, labels=labels).loss))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import math
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 
 from qpruner.config import config_from_dict
 from qpruner.errors import QPrunerError
+from qpruner.evaluate import perplexity
 from qpruner.prune import load_pruned, prune_cached, prune_with_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +88,6 @@ def test_taylor_importance_beats_random_groups(cache, tiny_config):
     assert taylor > sum(random_accs) / len(random_accs) + 0.05
 
 
-def heldout_perplexity(model, tok, docs: list[str]) -> float:
-    """Token-level perplexity of fresh documents about the tiny model's world (never seen in training)."""
-    batch = tok(docs, return_tensors="pt", padding=True)
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    with torch.no_grad():
-        return math.exp(model(**batch, labels=labels).loss.item())
-
-
 @pytest.fixture(scope="module")
 def heldout_ppl(cache, tiny_assets):
     """ppl(**prune) -> held-out perplexity of the model pruned with these settings (ratio 0.3 unless given).
@@ -111,9 +103,9 @@ def heldout_ppl(cache, tiny_assets):
 
     def ppl(**prune) -> float:
         if not prune:
-            return heldout_perplexity(*load_model("builtin:tiny", cache_dir=cache), docs)
+            return perplexity(*load_model("builtin:tiny", cache_dir=cache), docs)
         prune = {"ratio": 0.3, **prune, "calibration": {"source": str(calib), **prune.get("calibration", {})}}
-        return heldout_perplexity(*load_pruned(prune_cached(cfg_for(cache, **prune), progress=False).path), docs)
+        return perplexity(*load_pruned(prune_cached(cfg_for(cache, **prune), progress=False).path), docs)
 
     return ppl
 
