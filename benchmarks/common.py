@@ -78,3 +78,13 @@ def mean_std(values) -> dict:
     values = [float(v) for v in values]
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
+
+
+def fresh_cache(root: Path) -> Path:
+    """An empty qpruner cache that shares the already built tiny model."""
+    from qpruner.builtin import ensure_tiny
+
+    tiny = ensure_tiny(progress=False)
+    root.mkdir(parents=True)
+    (root / "builtin").symlink_to(tiny.model_dir.parent.parent)
+    return root

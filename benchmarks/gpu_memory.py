@@ -48,18 +48,11 @@ def meta_peft_llama(shapes: list[dict], lora):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qpruner.standalone import _shrink
+    from qpruner.standalone import shape_layers
 
-    hidden, hd = LLAMA_7B["hidden_size"], LLAMA_7B["head_dim"]
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B, tie_word_embeddings=False)).to(torch.bfloat16)
-        for layer, s in zip(model.model.layers, shapes):
-            q, kv, inter = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd, s["intermediate_size"]
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
-            attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
-            mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
-            mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
+        shape_layers(model, shapes)
         return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 

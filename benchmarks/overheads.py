@@ -28,17 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks.common import run_search, tiny_recipe, write_result
-
-
-def fresh_cache(root: Path) -> Path:
-    """An empty qpruner cache that shares the already built tiny model."""
-    from qpruner.builtin import ensure_tiny
-
-    tiny = ensure_tiny(progress=False)
-    root.mkdir(parents=True)
-    (root / "builtin").symlink_to(tiny.model_dir.parent.parent)
-    return root
+from benchmarks.common import fresh_cache, run_search, tiny_recipe, write_result
 
 
 def search(work: Path, name: str, trials: int, concurrency: int, cache: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks.common import mean_std, run_search, tiny_recipe, write_result
+from benchmarks.common import fresh_cache, mean_std, run_search, tiny_recipe, write_result
 
 
 def pruning(work: Path, seeds: list[int]) -> dict:
@@ -30,14 +30,11 @@ def pruning(work: Path, seeds: list[int]) -> dict:
     lines = ensure_tiny(progress=False).corpus_path.read_text().splitlines()
     docs, calib = lines[-128:], work / "calibration.txt"
     calib.write_text("\n".join(lines[:-128]) + "\n")
+    cache = fresh_cache(work / "cache")
     out = {}
     for method in ("taylor", "slimgpt"):
         raw = tiny_recipe(prune={"method": method, "ratio": 0.3, "calibration": {"source": str(calib), "n_samples": 16, "seq_len": 64}},
-                          output={"cache_dir": str(work / "cache")})
-        (work / "cache").mkdir(exist_ok=True)
-        builtin = work / "cache" / "builtin"
-        if not builtin.exists():
-            builtin.symlink_to(ensure_tiny(progress=False).model_dir.parent.parent)
+                          output={"cache_dir": str(cache)})
         cfg = config_from_dict(raw)
         pruned = prune_cached(cfg, progress=False)
         model, tok = load_pruned(pruned.path)

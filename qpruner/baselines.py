@@ -23,7 +23,8 @@ def load(run: Path) -> dict[str, dict]:
 
 def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
     """Ray task body: one baseline as a row shaped like a results.parquet row."""
-    cfg = config_from_dict({**cfg_dict, "quant": {**cfg_dict["quant"], "bits": [4, 8, 16]}})  # 16: outside the search space
+    bits = sorted({*cfg_dict["quant"]["bits"], 16})  # 16 may lie outside the search space
+    cfg = config_from_dict({**cfg_dict, "quant": {**cfg_dict["quant"], "bits": bits}})
     if name == "uniform-16":
         from qpruner.trial import run_trial
 
@@ -34,14 +35,13 @@ def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
 
 def unpruned(cfg: Config) -> dict:
     """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
-    import torch
-
     from qpruner.evaluate import evaluate_model
     from qpruner.memory import weight_bytes
     from qpruner.model import load_model
+    from qpruner.trial import pick_device
 
-    device = "cuda" if torch.cuda.is_available() and cfg.resources.gpu != 0 else "cpu"
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code,
+                                  pick_device(cfg))
     ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qpruner.baselines import load as load_baselines
 from qpruner.errors import QPrunerError
 from qpruner.pareto import (
     GB, compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point,
@@ -36,8 +37,6 @@ def write_report(run_dir: str | Path) -> Path:
     front = front_table(results)
     ref = reference_point(results)
     curve = hypervolume_curve(results, ref)
-    from qpruner.baselines import load as load_baselines
-
     baselines = list(load_baselines(run).values())
     stars = {**uniform_baselines(results), **{b["label"]: (b["memory_bytes"], b["accuracy"]) for b in baselines
                                               if b["memory_bytes"] is not None}}
@@ -152,7 +151,8 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
         if r["bits"] and len(set(r["bits"])) == 1:
             uniform.setdefault(r["bits"][0], r)
     mixed = [r for r in done if len(set(r["bits"])) > 1]
-    labelled = [(b["label"], b) for b in baselines if b["trial_id"] == "baseline:unpruned"]
+    unpruned = next((b for b in baselines if b["trial_id"] == "baseline:unpruned"), None)
+    labelled = [(unpruned["label"], unpruned)] if unpruned else []
     labelled += [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
     best = max(mixed, key=lambda r: r["accuracy"]) if mixed else None
     if best:
@@ -171,10 +171,9 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
     if not labelled:
         return ["No completed trial to compare yet."]
     note = [] if uniform else ["No uniform-precision trial completed (search.anchors: true adds them).", ""]
-    if any(b["trial_id"] == "baseline:unpruned" for b in baselines):
+    if unpruned:
         note += ["The unpruned model is evaluated zero-shot as loaded; its memory column is empty because it was "
-                 "not fine-tuned (its weights alone take "
-                 f"{next(b for b in baselines if b['trial_id'] == 'baseline:unpruned')['weight_bytes'] / GB:.4f} GB).", ""]
+                 f"not fine-tuned (its weights alone take {unpruned['weight_bytes'] / GB:.4f} GB).", ""]
     table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled])
     return note + table + ([""] + deltas if deltas else [])
 

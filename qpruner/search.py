@@ -133,8 +133,7 @@ def initial_configs(importance: Sequence[float], bits: Sequence[int], n_init: in
     for target in targets:
         probs = _shift_to_budget(logit, costs, target * costs[:, -1].sum())
         for _ in range(20):  # redraw a duplicate a few times
-            idx = np.floor(probs * (len(levels) - 1) + rng.random(n_layers)).clip(0, len(levels) - 1).astype(int)
-            vec = [levels[i] for i in idx]
+            vec = _draw_levels(probs, levels, rng)
             if vec not in out:
                 out.append(vec)
                 break
@@ -147,8 +146,13 @@ def initial_ranks(importance: Sequence[float], ranks: Sequence[int], n: int, tem
     levels = sorted(set(ranks))
     rng = np.random.default_rng(seed + 1)
     p = bit_probabilities(importance, temperature)
-    draws = [np.floor(p * (len(levels) - 1) + rng.random(len(p))).clip(0, len(levels) - 1).astype(int) for _ in range(n)]
-    return [[levels[i] for i in idx] for idx in draws]
+    return [_draw_levels(p, levels, rng) for _ in range(n)]
+
+
+def _draw_levels(probs: np.ndarray, levels: list[int], rng: np.random.Generator) -> list[int]:
+    """Randomised rounding of each layer's position probs * (k-1) in the sorted `levels`."""
+    idx = np.floor(probs * (len(levels) - 1) + rng.random(len(probs))).clip(0, len(levels) - 1).astype(int)
+    return [levels[i] for i in idx]
 
 
 def _level_costs(n_layers: int, levels: list[int], weight_fn: Callable[[list[int]], float]) -> np.ndarray:

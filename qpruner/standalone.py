@@ -26,6 +26,20 @@ def _shrink(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear
     return nn.Linear(in_features, out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
 
 
+def shape_layers(model, shapes: list[dict]) -> None:
+    """Give each decoder layer its own head counts and MLP size (new Linears on the current device)."""
+    hidden, head_dim = model.config.hidden_size, model.config.head_dim
+    for layer, shape in zip(model.model.layers, shapes):
+        q = shape["num_attention_heads"] * head_dim
+        kv = shape["num_key_value_heads"] * head_dim
+        inter = shape["intermediate_size"]
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
+        attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
+        mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
+        mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
+
+
 def build_pruned_llama(path: str | Path, dtype: torch.dtype = torch.float32):
     """A LlamaForCausalLM whose decoder layers take the shapes listed in config.json's `qpruner_layers`."""
     from safetensors.torch import load_file
@@ -33,18 +47,9 @@ def build_pruned_llama(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     config = LlamaConfig.from_pretrained(path)
-    hidden, head_dim = config.hidden_size, config.head_dim
     with torch.device("meta"):  # no memory for the unpruned shapes: weights arrive with load_state_dict
         model = LlamaForCausalLM(config).to(dtype)
-        for layer, shape in zip(model.model.layers, config.qpruner_layers):
-            q = shape["num_attention_heads"] * head_dim
-            kv = shape["num_key_value_heads"] * head_dim
-            inter = shape["intermediate_size"]
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.q_proj, attn.k_proj = _shrink(attn.q_proj, q, hidden), _shrink(attn.k_proj, kv, hidden)
-            attn.v_proj, attn.o_proj = _shrink(attn.v_proj, kv, hidden), _shrink(attn.o_proj, hidden, q)
-            mlp.gate_proj, mlp.up_proj = _shrink(mlp.gate_proj, inter, hidden), _shrink(mlp.up_proj, inter, hidden)
-            mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
+        shape_layers(model, config.qpruner_layers)
     state = load_file(path / "model.safetensors")
     if "lm_head.weight" not in state and config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

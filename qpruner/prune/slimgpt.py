@@ -57,7 +57,7 @@ def plan_layers(model: nn.Module, pcfg: PruneConfig) -> dict[int, tuple[int, int
         max_groups = shape.num_key_value_heads - 1 if pcfg.prune_attention else 0
         max_channels = shape.intermediate_size - 1 if pcfg.prune_mlp else 0
         want = min(ratio, 0.95) * block[i]
-        groups = min(round(ratio * shape.num_key_value_heads), max_groups) if pcfg.prune_mlp else round(want / per_group)
+        groups = round(ratio * shape.num_key_value_heads) if pcfg.prune_mlp else round(want / per_group)
         groups = max(0, min(groups, max_groups))
         channels = min(max(round((want - groups * per_group) / per_channel), 0), max_channels)
         plan[i] = (groups, channels)
