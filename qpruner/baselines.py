@@ -57,6 +57,8 @@ def run_baselines(cfg: Config, out: Path, pruned_path: str, n_layers: int, resou
     """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all."""
     import ray
 
+    from qpruner.errors import ray_get
+
     done = load(out)
     todo = [b for b in cfg.search.baselines if b not in done]
     if not todo:
@@ -67,6 +69,6 @@ def run_baselines(cfg: Config, out: Path, pruned_path: str, n_layers: int, resou
     while pending:
         ready, _ = ray.wait(list(pending))
         name = pending.pop(ready[0])
-        done[name] = ray.get(ready[0])
+        done[name] = ray_get(ready[0])
         (out / FILE).write_text(json.dumps(done, indent=1))
     return done

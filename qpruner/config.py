@@ -22,6 +22,7 @@ from qpruner.errors import ConfigError
 
 ALLOWED_BITS = (4, 8, 16)  # bitsandbytes NF4, LLM.int8; 16 = keep the layer in the compute dtype
 BUILTIN_PREFIX = "builtin:"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # what eval.local_data / eval.val_data files may be
 
 
 @dataclass
@@ -173,10 +174,22 @@ class EvalConfig:
     include_path: Optional[str] = None  # folder of extra lm-eval YAML tasks
     limit: Optional[int] = None  # examples per task (null = all)
     batch_size: int = 16
+    # {task: jsonl/json/parquet file} in the HF schema of the split lm-eval's stock task evaluates:
+    # qpruner derives a task that includes lm-eval's YAML and reads this file instead of the hub.
+    local_data: dict[str, str] = field(default_factory=dict)
+    # {task: file}, same schema: the quick-validation split, evaluated as the derived twin `<task>_val`.
+    val_data: dict[str, str] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         if not self.tasks:
             raise ConfigError(f"{path}.tasks", "must name at least one lm-eval task, e.g. boolq")
+        for name in ("local_data", "val_data"):
+            for task, file in getattr(self, name).items():
+                where = f"{path}.{name}.{task}"
+                if Path(file).suffix not in DATA_SUFFIXES:
+                    raise ConfigError(where, f"{file!r} must end in {', '.join(DATA_SUFFIXES)} (HF dataset rows)")
+                if not Path(file).expanduser().is_file():
+                    raise ConfigError(where, f"file {file!r} does not exist; convert the data first (benchmarks/convert_data.py)")
         if self.limit is not None:
             _positive(self.limit, f"{path}.limit")
         _positive(self.batch_size, f"{path}.batch_size")
@@ -318,6 +331,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from plain data (YAML, JSON, a Tune checkpoint)."""
     cfg = _build(Config, raw, "")
     _validate_all(cfg, "")
+    from qpruner.builtin import resolve_builtin  # lazy: building the tiny model imports torch
+
+    resolve_builtin(cfg)  # after this no stage sees `builtin`: only plain local paths
     return cfg
 
 
@@ -360,6 +376,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(path, f"must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(args[0], k, f"{path} key {k!r}"): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")

@@ -37,10 +37,6 @@ def calibration_texts(ccfg: CalibrationConfig, cache_dir: Optional[Path] = None)
 
 
 def _read_source(ccfg: CalibrationConfig, cache_dir: Optional[Path]) -> list[str]:
-    if ccfg.source == "builtin":
-        from qpruner.builtin import ensure_tiny
-
-        return ensure_tiny(cache_dir, progress=False).corpus_path.read_text().splitlines()
     path = Path(ccfg.source).expanduser()
     if path.is_file():
         if path.suffix == ".txt":

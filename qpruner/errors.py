@@ -19,3 +19,18 @@ class ConfigError(QPrunerError):
         # Rebuild from (field, reason): errors raised inside Ray tasks must reach the driver intact,
         # or Ray replaces them with an UnserializableException and the user sees a traceback.
         return (type(self), (self.field, self.reason))
+
+
+def ray_get(refs, **kwargs):
+    """`ray.get` that re-raises a QPrunerError raised inside a Ray task or actor as itself, so the user
+    sees the same one line as in the driver instead of a Ray traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs, **kwargs)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, QPrunerError):
+            raise cause from None
+        raise

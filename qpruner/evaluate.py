@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import io
+import json
 import logging
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from functools import lru_cache
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+import yaml
 from lm_eval import evaluator
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -41,24 +48,22 @@ def task_manager(include_paths: tuple[str, ...] = (), include_defaults: bool = T
 
 
 def resolve_tasks(ecfg: EvalConfig, cache_dir: Optional[str | Path] = None, tasks: Optional[Sequence[str]] = None) -> tuple[list[str], list[str]]:
-    """Expand `builtin` to the tiny model's test tasks and check every name: (task names, include paths).
+    """Check every task name and give (task names, include paths), deriving local-data tasks first.
 
-    An unknown name raises ConfigError on eval.tasks with the closest lm-eval task names.
+    `builtin` was already resolved at config load (names + eval.include_path). Names are checked
+    against the include paths and a quick scan of lm-eval's own YAML files (~1 s, not the 20 s
+    TaskManager index); an unknown name raises ConfigError on eval.tasks with the closest names.
     """
-    names: list[str] = []
+    names = list(dict.fromkeys(tasks if tasks is not None else ecfg.tasks))
     paths = [str(Path(ecfg.include_path).expanduser())] if ecfg.include_path else []
-    for name in tasks if tasks is not None else ecfg.tasks:
-        if name == "builtin":
-            from qpruner.builtin import ensure_tiny
-
-            assets = ensure_tiny(cache_dir, progress=False)
-            names += [t for t in assets.test_tasks if t not in names]
-            if str(assets.tasks_dir) not in paths:
-                paths.append(str(assets.tasks_dir))
-        elif name not in names:
-            names.append(name)
-    known = _manager_for(names, tuple(paths)).all_tasks
+    derived = derived_tasks_dir(ecfg, cache_dir)
+    if derived is not None:
+        paths.append(str(derived))
+    local = set(task_manager(tuple(paths), include_defaults=False).all_tasks) if paths else set()
     for name in names:
+        if name in local or name in stock_task_yamls():
+            continue
+        known = task_manager(tuple(paths), include_defaults=True).all_tasks  # groups, Python tasks: the full index
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else f"use lm-eval task names such as {', '.join(STANDARD_TASKS)}, or 'builtin'"
@@ -78,15 +83,157 @@ def _manager_for(names: Sequence[str], include_paths: tuple[str, ...]) -> TaskMa
 @lru_cache(maxsize=32)
 def load_tasks(names: tuple[str, ...], include_paths: tuple[str, ...] = ()) -> dict:
     """lm-eval task objects for `names`, zero-shot, built once per process and reused across evaluations."""
+    _check_hub_data(names, include_paths)
     try:
         with quiet_lm_eval():
             loaded = _manager_for(names, include_paths).load(list(names))
     except Exception as exc:  # offline hub, missing data files: one line naming the field
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError("eval.tasks", f"cannot load {', '.join(names)} ({first}); its data must be in the local HF cache or reachable") from None
+        raise ConfigError("eval.tasks", f"cannot load {', '.join(names)} ({first}); give its data as eval.local_data.<task>=FILE "
+                          "or make the hub reachable (QPRUNER_ONLINE=1)") from None
     for task in loaded["tasks"].values():
         task.set_config(key="num_fewshot", value=0)
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# Local data: derived tasks that include lm-eval's own YAML and swap only the data source.
+
+
+@lru_cache(maxsize=1)
+def stock_task_yamls() -> dict[str, Path]:
+    """{task name: YAML file} for lm-eval's own tasks declared as a top-level `task: name` line.
+
+    A plain text scan of lm-eval's task folder (~1 s), so locating boolq's YAML does not cost the
+    TaskManager's full index; tasks declared otherwise are still found by the full index.
+    """
+    import lm_eval.tasks
+
+    pattern = re.compile(rb"""^task:\s*["']?([\w\-.]+)["']?\s*$""", re.M)
+    found: dict[str, Path] = {}
+    for path in sorted(Path(lm_eval.tasks.__file__).parent.rglob("*.yaml")):
+        match = pattern.search(path.read_bytes())
+        if match:
+            found.setdefault(match.group(1).decode(), path)
+    return found
+
+
+def stock_task_config(task: str, field: str) -> tuple[Path, dict]:
+    """(YAML file, config with includes merged, functions unresolved) of lm-eval's stock `task`."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = stock_task_yamls().get(task)
+    if path is None:
+        raise ConfigError(field, f"{task!r} is not one of lm-eval's YAML tasks; local data works for tasks like {', '.join(STANDARD_TASKS)}, wikitext")
+    cfg = load_yaml(path, resolve_func=False, recursive=True)
+    if not isinstance(cfg.get("dataset_path"), str) or cfg.get("custom_dataset"):
+        raise ConfigError(field, f"lm-eval's {task!r} does not read one HF dataset, so its data cannot be swapped for a file")
+    return path, cfg
+
+
+def derived_task_yaml(task: str, file: str, name: str, field: str) -> str:
+    """A YAML task `name` that `include:`s lm-eval's YAML of `task` and reads `file` as the split it evaluates.
+
+    Prompts, choices, process_docs and metrics stay lm-eval's; only dataset_path/dataset_name/
+    dataset_kwargs change, and the other splits are switched off (zero-shot needs none).
+    """
+    stock_path, stock = stock_task_config(task, field)
+    split = stock.get("test_split") or stock.get("validation_split")
+    if not split:
+        raise ConfigError(field, f"lm-eval's {task!r} evaluates no test or validation split")
+    path = Path(file).expanduser().resolve()
+    derived = {
+        "include": str(stock_path),
+        "task": name,
+        "dataset_path": "parquet" if path.suffix == ".parquet" else "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(path)}},
+        "training_split": None,
+        "validation_split": split if split == stock.get("validation_split") and not stock.get("test_split") else None,
+        "test_split": split if stock.get("test_split") else None,
+        "fewshot_split": None,
+    }
+    if stock.get("tag"):
+        derived["tag"] = []  # the stock tags (e.g. ai2_arc) would group derived and stock tasks together
+    return yaml.safe_dump(derived, sort_keys=False)
+
+
+def derived_tasks_dir(ecfg: EvalConfig, cache_dir: Optional[str | Path] = None) -> Optional[Path]:
+    """Write the derived tasks of eval.local_data (named as the task) and eval.val_data (`<task>_val`)
+    into <cache>/tasks/<content hash>/, once; None when there is no local data."""
+    from qpruner.config import default_cache_dir
+
+    yamls = {}
+    for task, file in ecfg.local_data.items():
+        yamls[task] = derived_task_yaml(task, file, task, f"eval.local_data.{task}")
+    for task, file in ecfg.val_data.items():
+        yamls[f"{task}_val"] = derived_task_yaml(task, file, f"{task}_val", f"eval.val_data.{task}")
+    if not yamls:
+        return None
+    key = hashlib.sha256(json.dumps(yamls, sort_keys=True).encode()).hexdigest()[:16]
+    home = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "tasks" / key
+    if not home.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_mkdir(home.parent)))
+        for name, text in yamls.items():
+            (tmp / f"{name}.yaml").write_text(text)
+        try:
+            os.replace(tmp, home)
+        except OSError:  # another process wrote the same content first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return home
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_hub_data(names: Sequence[str], include_paths: tuple[str, ...]) -> None:
+    """Stock tasks that read the hub: fail in about a second (offline) before lm-eval's 20 s index.
+
+    Loads the evaluated split with `datasets` (from the local HF cache when offline) and turns a
+    failure into one line naming eval.local_data, the fix.
+    """
+    local = set(task_manager(include_paths, include_defaults=False).all_tasks) if include_paths else set()
+    for name in names:
+        if name in local or name not in stock_task_yamls():
+            continue
+        _, stock = stock_task_config(name, "eval.tasks")
+        split = stock.get("test_split") or stock.get("validation_split")
+        try:
+            import datasets
+
+            with quiet_lm_eval():
+                datasets.load_dataset(stock["dataset_path"], stock.get("dataset_name"), split=split,
+                                      **{k: v for k, v in (stock.get("dataset_kwargs") or {}).items() if k != "trust_remote_code"})
+        except Exception as exc:  # offline and not cached, gated, missing: all one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(f"eval.local_data.{name}", f"task {name!r} cannot load {stock['dataset_path']!r} ({first}); "
+                              f"convert its {split} split to a file and pass --set eval.local_data.{name}=FILE, "
+                              "or allow the hub with QPRUNER_ONLINE=1") from None
+
+
+def validation_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(task names, include paths) for quick validation: each eval task T becomes its `T_val` twin when
+    eval.val_data has T or the task index already defines `T_val` (the built-in tasks), else stays T
+    (see `tasks_without_validation_split`)."""
+    cache_dir = cfg.output.cache if cache_dir is None else cache_dir
+    names, paths = resolve_tasks(cfg.eval, cache_dir)
+    twins = _val_twins(cfg, names, paths)
+    return tuple(twins.get(n, n) for n in names), tuple(paths)
+
+
+def tasks_without_validation_split(cfg: Config, cache_dir: Optional[str | Path] = None) -> list[str]:
+    """Eval tasks with no disjoint `T_val` twin: their quick validation reads the test split itself."""
+    cache_dir = cfg.output.cache if cache_dir is None else cache_dir
+    names, paths = resolve_tasks(cfg.eval, cache_dir)
+    twins = _val_twins(cfg, names, paths)
+    return [n for n in names if n not in twins]
+
+
+def _val_twins(cfg: Config, names: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
+    local = set(task_manager(tuple(paths), include_defaults=False).all_tasks) if paths else set()
+    return {n: f"{n}_val" for n in names if n in cfg.eval.val_data or f"{n}_val" in local}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,20 +250,22 @@ def evaluate_model(
 ) -> dict:
     """Zero-shot lm-eval accuracy of the in-memory model: {"tasks": {name: {"acc", "acc_norm"}}, "mean_acc", "seconds"}.
 
-    `tasks` (default ecfg.tasks) may contain `builtin`; `limit` (default ecfg.limit) caps documents per task.
+    `tasks` defaults to ecfg.tasks; `limit` (default ecfg.limit) caps documents per task. Perplexity
+    tasks (wikitext) add their metrics and are left out of mean_acc (None if no task has acc).
     """
     started = time.perf_counter()
     names, paths = resolve_tasks(ecfg, cache_dir, tasks)
     lm = wrap_model(model, tokenizer, ecfg.batch_size)
     scores = run_tasks(lm, load_tasks(tuple(names), tuple(paths)), ecfg.limit if limit is None else limit)
-    return {"tasks": scores, "mean_acc": mean_acc(scores), "seconds": time.perf_counter() - started}
+    accs = any(s["acc"] is not None for s in scores.values())
+    return {"tasks": scores, "mean_acc": mean_acc(scores) if accs else None, "seconds": time.perf_counter() - started}
 
 
 def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], float]:
     """A quick accuracy for early stopping: mean acc over the validation tasks, `finetune.val_limit` docs each.
 
-    `builtin` uses the `*_val` tasks (held-out docs, disjoint from the test docs); any other task is
-    validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
+    Tasks with a `T_val` twin (eval.val_data, the built-in tasks) use its held-out docs; any other task
+    is validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
     Tasks and the lm-eval wrapper are built here once; each call only runs the forward passes.
     """
     task_dict = load_tasks(*validation_tasks(cfg, cache_dir))
@@ -129,42 +278,39 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     return validate
 
 
-def validation_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(task names, include paths) for quick validation: builtin tasks swap to their held-out `*_val` twins."""
-    cache_dir = cfg.output.cache if cache_dir is None else cache_dir
-    names, paths = resolve_tasks(cfg.eval, cache_dir)
-    if "builtin" in cfg.eval.tasks:
-        from qpruner.builtin import ensure_tiny
-
-        assets = ensure_tiny(cache_dir, progress=False)
-        swap = dict(zip(assets.test_tasks, assets.val_tasks))
-        names = [swap.get(n, n) for n in names]
-    return tuple(names), tuple(paths)
-
-
 def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> HFLM:
     """lm-eval's HFLM around the in-memory model (a PeftModel works as is): nothing is saved to disk."""
     with _eval_mode(model), quiet_lm_eval(level=logging.ERROR):  # it warns that a model object was passed: intended
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_tasks(lm: HFLM, task_dict: dict, limit: Optional[int] = None) -> dict[str, dict[str, Optional[float]]]:
-    """Run lm-eval on already-loaded tasks in eval mode (restoring the model's mode): {task: {"acc", "acc_norm"}}."""
+def run_tasks(lm: HFLM, task_dict: dict, limit: Optional[int] = None, stderr: bool = False) -> dict[str, dict[str, Optional[float]]]:
+    """Run lm-eval on already-loaded tasks in eval mode (restoring the model's mode): {task: {"acc", "acc_norm", ...}}.
+
+    Multiple-choice tasks give acc/acc_norm; other tasks (wikitext) give their own metrics (e.g.
+    word_perplexity) with acc None. `stderr` adds `<metric>_stderr` (lm-eval's closed form for means).
+    """
     with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
-        out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=False)
+        out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=100 if stderr else 0, log_samples=False)
     scores = {}
     for name in task_dict["tasks"]:
         metrics = out["results"][name]
-        acc = _metric(metrics, "acc")
-        if acc is None:
-            raise ConfigError("eval.tasks", f"task {name!r} reports no 'acc' metric; use multiple-choice tasks such as {', '.join(STANDARD_TASKS)}")
-        scores[name] = {"acc": acc, "acc_norm": _metric(metrics, "acc_norm")}
+        scores[name] = {"acc": _metric(metrics, "acc"), "acc_norm": _metric(metrics, "acc_norm")}
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and metric not in scores[name] and (stderr or not metric.endswith("_stderr")):
+                scores[name][metric] = float(value)
+        scores[name]["n_docs"] = out.get("n-samples", {}).get(name, {}).get("effective")
     return scores
 
 
 def mean_acc(scores: dict[str, dict[str, Optional[float]]]) -> float:
-    """Unweighted mean of `acc` over tasks (the accuracy objective of the search)."""
-    return sum(s["acc"] for s in scores.values()) / len(scores)
+    """Unweighted mean of `acc` over the tasks that have one (the accuracy objective of the search)."""
+    accs = [s["acc"] for s in scores.values() if s.get("acc") is not None]
+    if not accs:
+        raise ConfigError("eval.tasks", f"no task reports an 'acc' metric ({', '.join(scores)}); the search needs "
+                          f"multiple-choice tasks such as {', '.join(STANDARD_TASKS)}")
+    return sum(accs) / len(accs)
 
 
 def _metric(metrics: dict, name: str) -> Optional[float]:

@@ -61,12 +61,11 @@ class FinetuneResult:
 
 
 def load_alpaca(source: str, cache_dir: Optional[str | Path] = None, max_examples: Optional[int] = None) -> list[dict]:
-    """Alpaca records from `builtin`, a local .json/.jsonl file or a hub dataset id, checked field by field."""
-    if source == "builtin":
-        from qpruner.builtin import ensure_tiny
+    """Alpaca records from a local .json/.jsonl file or a hub dataset id, checked field by field.
 
-        records = _read_local(ensure_tiny(cache_dir, progress=False).alpaca_path)
-    elif source.startswith((".", "/", "~")) or Path(source).suffix in (".json", ".jsonl") or Path(source).expanduser().is_file():
+    `builtin` was already resolved to the tiny model's file at config load (qpruner.builtin.resolve_builtin).
+    """
+    if source.startswith((".", "/", "~")) or Path(source).suffix in (".json", ".jsonl") or Path(source).expanduser().is_file():
         records = _read_local(Path(source).expanduser())
     else:
         records = _read_hub(source)

@@ -19,29 +19,32 @@ Report = Callable[[dict], None]
 
 
 def preflight(cfg: Config) -> None:
-    """Check every input a trial reads (model, tasks, data, calibration) before any work starts,
-    so a mistake is one line naming the field instead of a failure minutes into a search."""
+    """Load (not just name) every input a trial reads before any work starts: the model config, every
+    eval and validation task's data, the fine-tuning data and the calibration text. Offline (the CLI
+    default) an unreachable input is one line naming the field within seconds, not a failure minutes
+    into a search."""
     from qpruner.data import calibration_texts
-    from qpruner.evaluate import resolve_tasks
+    from qpruner.errors import ConfigError
+    from qpruner.evaluate import load_tasks, resolve_tasks, validation_tasks
     from qpruner.finetune import load_alpaca
+    from transformers import AutoConfig
 
-    if not cfg.model.name.startswith("builtin:") and not Path(cfg.model.name).expanduser().is_dir():
-        from transformers import AutoConfig
-
-        from qpruner.errors import ConfigError
-
-        try:
-            AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                "model.name",
-                f"cannot find {cfg.model.name!r} ({str(exc).splitlines()[0][:120]}); give a local folder, "
-                "'builtin:tiny', or a hub id reachable from this machine",
-            ) from None
-    resolve_tasks(cfg.eval, cfg.output.cache)
+    try:
+        AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "model.name",
+            f"cannot load {cfg.model.name!r} ({str(exc).splitlines()[0][:120]}); give a local folder, "
+            "'builtin:tiny', or a hub id reachable from this machine (QPRUNER_ONLINE=1)",
+        ) from None
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.ratio > 0 and cfg.prune.method != "random":
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
+    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
+    load_tasks(tuple(names), tuple(paths))
+    val = validation_tasks(cfg)
+    if val[0] != tuple(names):
+        load_tasks(*val)
 
 
 def pick_device(cfg: Config) -> str:
@@ -171,18 +174,17 @@ def save_adapter(peft_model, bits: Sequence[int], ranks: Optional[Sequence[int]]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from qpruner.cli import base_parser, set_offline_defaults
-    from qpruner.config import load_config
+    from qpruner.cli import base_parser, load_cli_config, set_offline_defaults
     from qpruner.prune import prune_cached
     from qpruner.quantize import parse_bits
 
-    set_offline_defaults()
+    set_offline_defaults(argv)
     parser = base_parser("python -m qpruner.trial", "Run one trial: quantize per layer, LoftQ, fine-tune, evaluate.")
     parser.add_argument("--bits", required=True, help="one bit-width per decoder layer, e.g. 4,8,8,4, or uniform:4")
     parser.add_argument("--ranks", default=None, help="optional LoRA rank per layer, e.g. 8,8,16,4")
     parser.add_argument("--adapter-out", default=None, help="folder to save the trained adapter in")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_cli_config(args)
     preflight(cfg)
     pruned = prune_cached(cfg)
     from qpruner.prune import pruned_layer_count

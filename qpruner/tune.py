@@ -19,7 +19,7 @@ import yaml
 from ray.tune import Callback
 
 from qpruner.config import Config, config_from_dict, load_config
-from qpruner.errors import QPrunerError
+from qpruner.errors import QPrunerError, ray_get
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 
@@ -219,7 +219,7 @@ def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict)
         ranks = random_configs(n_layers, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
     task = ray.remote(importance_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
-    importance = ray.get(task.remote(cfg.to_dict(), pruned_path))
+    importance = ray_get(task.remote(cfg.to_dict(), pruned_path))
     from qpruner.memory import shapes_from_config, weight_bytes
 
     shapes = shapes_from_config(json.loads((Path(pruned_path) / "config.json").read_text()))
@@ -342,9 +342,9 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from qpruner.cli import base_parser, set_offline_defaults
+    from qpruner.cli import base_parser, load_cli_config, set_offline_defaults
 
-    set_offline_defaults()
+    set_offline_defaults(argv)
     parser = base_parser("python -m qpruner.tune", "Search per-layer bit-widths for a pruned model (QPruner).")
     parser.add_argument("--out", default=None, help="output folder (default: output.dir from the config)")
     parser.add_argument("--num-samples", type=int, default=None, help="number of trials (overrides search.num_samples)")
@@ -356,7 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides: dict[str, Any] = {}
     if args.num_samples is not None:
         overrides["search.num_samples"] = args.num_samples
-    cfg = load_config(args.config, overrides)
+    cfg = load_cli_config(args, overrides)
     out = Path(args.out or cfg.output.dir)
     run(cfg, out, address=args.address, resume=args.resume, overwrite=args.overwrite, dashboard=not args.no_dashboard)
     return 0

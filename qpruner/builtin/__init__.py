@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -66,6 +67,36 @@ def ensure_tiny(cache_dir: Path | str | None = None, progress: bool = True) -> T
         alpaca_path=home / "alpaca.jsonl",
         corpus_path=home / "corpus.txt",
     )
+
+
+def resolve_builtin(cfg) -> None:
+    """Turn every `builtin` in a Config into the tiny assets' local paths (built on first use), in place.
+
+    The one place that knows `builtin`: model.name, finetune.data, prune.calibration.source and
+    eval.tasks (-> the tiny task names, eval.include_path -> their folder with the `*_val` twins).
+    """
+    from qpruner.errors import ConfigError
+
+    ecfg = cfg.eval
+    if not (cfg.model.name == "builtin:tiny" or cfg.finetune.data == "builtin"
+            or cfg.prune.calibration.source == "builtin" or "builtin" in ecfg.tasks):
+        return
+    assets = ensure_tiny(cfg.output.cache, progress=sys.stderr.isatty())
+    if cfg.model.name == "builtin:tiny":
+        cfg.model.name = str(assets.model_dir)
+    if cfg.finetune.data == "builtin":
+        cfg.finetune.data = str(assets.alpaca_path)
+    if cfg.prune.calibration.source == "builtin":
+        cfg.prune.calibration.source = str(assets.corpus_path)
+    if "builtin" in ecfg.tasks:
+        if ecfg.include_path and Path(ecfg.include_path).expanduser().resolve() != assets.tasks_dir.resolve():
+            raise ConfigError("eval.include_path", "cannot be combined with eval.tasks 'builtin' (it uses the built-in task "
+                              "folder); name your tasks without 'builtin' or drop include_path")
+        names: list[str] = []
+        for name in ecfg.tasks:
+            names += [t for t in (assets.test_tasks if name == "builtin" else (name,)) if t not in names]
+        ecfg.tasks = names
+        ecfg.include_path = str(assets.tasks_dir)
 
 
 def _build(home: Path, progress: bool) -> None:

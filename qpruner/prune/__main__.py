@@ -6,13 +6,12 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from qpruner.cli import base_parser, set_offline_defaults
-    from qpruner.config import load_config
+    from qpruner.cli import base_parser, load_cli_config, set_offline_defaults
 
-    set_offline_defaults()
+    set_offline_defaults(argv)
     parser = base_parser("python -m qpruner.prune", "Prune a model once (cached) and store it in Hugging Face format.")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_cli_config(args)
 
     import ray
 

@@ -84,11 +84,7 @@ def is_complete(path: Path) -> bool:
 
 
 def model_fingerprint(name: str) -> str:
-    """What identifies the source model: builtin version, a local folder's files, or the hub id."""
-    if name.startswith("builtin:"):
-        from qpruner.builtin import VERSION
-
-        return f"{name}:{VERSION}"
+    """What identifies the source model: a local folder's files (builtin:tiny is resolved to one), or the hub id."""
     local = Path(name).expanduser()
     if local.is_dir():
         files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in local.iterdir() if p.is_file())
@@ -166,15 +162,11 @@ def prune_with_ray(cfg: Config, num_gpus: float = 0, progress: bool = False) -> 
     A user mistake found in the task (e.g. an unreachable ratio) is raised here as the same one-line error.
     """
     import ray
-    from ray.exceptions import RayTaskError
+
+    from qpruner.errors import ray_get
 
     task = ray.remote(_prune_task).options(num_cpus=1, num_gpus=num_gpus)
-    try:
-        return ray.get(task.remote(cfg.to_dict(), progress))
-    except RayTaskError as exc:
-        if isinstance(exc.cause, QPrunerError):
-            raise exc.cause from None
-        raise
+    return ray_get(task.remote(cfg.to_dict(), progress))
 
 
 def _prune_task(cfg_dict: dict, progress: bool) -> PruneResult:
