@@ -27,8 +27,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import yaml
-from lm_eval import evaluator
-from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from qpruner.config import Config, EvalConfig
@@ -83,7 +81,7 @@ def _manager_for(names: Sequence[str], include_paths: tuple[str, ...]) -> TaskMa
 @lru_cache(maxsize=32)
 def load_tasks(names: tuple[str, ...], include_paths: tuple[str, ...] = ()) -> dict:
     """lm-eval task objects for `names`, zero-shot, built once per process and reused across evaluations."""
-    _check_hub_data(names, include_paths)
+    check_hub_data(names, include_paths)
     try:
         with quiet_lm_eval():
             loaded = _manager_for(names, include_paths).load(list(names))
@@ -188,13 +186,13 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _check_hub_data(names: Sequence[str], include_paths: tuple[str, ...]) -> None:
+def check_hub_data(names: Sequence[str], include_paths: Sequence[str]) -> None:
     """Stock tasks that read the hub: fail in about a second (offline) before lm-eval's 20 s index.
 
     Loads the evaluated split with `datasets` (from the local HF cache when offline) and turns a
     failure into one line naming eval.local_data, the fix.
     """
-    local = set(task_manager(include_paths, include_defaults=False).all_tasks) if include_paths else set()
+    local = set(task_manager(tuple(include_paths), include_defaults=False).all_tasks) if include_paths else set()
     for name in names:
         if name in local or name not in stock_task_yamls():
             continue
@@ -278,18 +276,22 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     return validate
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> HFLM:
+def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> "HFLM":
     """lm-eval's HFLM around the in-memory model (a PeftModel works as is): nothing is saved to disk."""
+    from lm_eval.models.huggingface import HFLM  # imported here: it pulls in most of transformers (~2 s)
+
     with _eval_mode(model), quiet_lm_eval(level=logging.ERROR):  # it warns that a model object was passed: intended
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_tasks(lm: HFLM, task_dict: dict, limit: Optional[int] = None, stderr: bool = False) -> dict[str, dict[str, Optional[float]]]:
+def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: bool = False) -> dict[str, dict[str, Optional[float]]]:
     """Run lm-eval on already-loaded tasks in eval mode (restoring the model's mode): {task: {"acc", "acc_norm", ...}}.
 
     Multiple-choice tasks give acc/acc_norm; other tasks (wikitext) give their own metrics (e.g.
     word_perplexity) with acc None. `stderr` adds `<metric>_stderr` (lm-eval's closed form for means).
     """
+    from lm_eval import evaluator
+
     with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
         out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=100 if stderr else 0, log_samples=False)
     scores = {}

@@ -25,10 +25,13 @@ def preflight(cfg: Config) -> None:
     into a search."""
     from qpruner.data import calibration_texts
     from qpruner.errors import ConfigError
-    from qpruner.evaluate import load_tasks, resolve_tasks, validation_tasks
+    from qpruner.evaluate import check_hub_data, load_tasks, resolve_tasks, validation_tasks
     from qpruner.finetune import load_alpaca
     from transformers import AutoConfig
 
+    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
+    val = validation_tasks(cfg)
+    check_hub_data(names + [n for n in val[0] if n not in names], paths)  # the usual offline failure, in ~1 s
     try:
         AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -40,9 +43,7 @@ def preflight(cfg: Config) -> None:
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.ratio > 0 and cfg.prune.method != "random":
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
-    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
     load_tasks(tuple(names), tuple(paths))
-    val = validation_tasks(cfg)
     if val[0] != tuple(names):
         load_tasks(*val)
 

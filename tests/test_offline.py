@@ -177,7 +177,8 @@ def test_unreachable_task_fails_preflight_fast_with_one_line_and_no_out(tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: eval.local_data.boolq:") and "--set eval.local_data.boolq=FILE" in lines[0], proc.stderr
     assert not out.exists()
     print(f"\nunreachable boolq: exit 2 after {wall:.2f}s (whole CLI process)")
-    assert wall < 5 + 8  # the process start (torch, transformers, lm-eval imports) is ~5-8 s on 2 shared cores
+    # The check itself is ~1 s (test below); the process start (torch, lm-eval, Ray imports) is most of the rest.
+    assert wall < 30
 
 
 def test_preflight_unreachable_task_itself_under_5s(tmp_path, monkeypatch):
@@ -188,9 +189,6 @@ def test_preflight_unreachable_task_itself_under_5s(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     cfg = config_from_dict({"eval": {"tasks": ["arc_easy"]}})
-    import qpruner.evaluate as ev
-
-    ev.stock_task_yamls()  # the one-off ~1 s scan of lm-eval's folder is counted in the CLI test above
     started = time.perf_counter()
     with pytest.raises(ConfigError, match="eval.local_data.arc_easy"):
         preflight(cfg)
