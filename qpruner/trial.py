@@ -24,22 +24,14 @@ def preflight(cfg: Config) -> None:
     default) an unreachable input is one line naming the field within seconds, not a failure minutes
     into a search."""
     from qpruner.data import calibration_texts
-    from qpruner.errors import ConfigError
     from qpruner.evaluate import check_hub_data, load_tasks, resolve_tasks, validation_tasks
     from qpruner.finetune import load_alpaca
-    from transformers import AutoConfig
+    from qpruner.model import check_model
 
     names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
     val = validation_tasks(cfg)
     check_hub_data(names + [n for n in val[0] if n not in names], paths)  # the usual offline failure, in ~1 s
-    try:
-        AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            "model.name",
-            f"cannot load {cfg.model.name!r} ({str(exc).splitlines()[0][:120]}); give a local folder, "
-            "'builtin:tiny', or a hub id reachable from this machine (QPRUNER_ONLINE=1)",
-        ) from None
+    check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.ratio > 0 and cfg.prune.method != "random":
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
