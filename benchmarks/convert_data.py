@@ -1,6 +1,6 @@
 """Convert the original dataset releases in ../shared/data into the HF schemas lm-eval's stock tasks read.
 
-`python benchmarks/convert_data.py [--out DIR] [--check]` writes one jsonl per task (default
+`python -m benchmarks.convert_data [--out DIR] [--check]` writes one jsonl per task (default
 ~/.cache/qpruner/benchmark_data/<task>.jsonl) for `eval.local_data`, and with --check loads every
 file through qpruner's derived lm-eval tasks and prints each task's first document as lm-eval sees it.
 Never imported by the product; ../shared is found relative to this repository.
@@ -38,16 +38,9 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import shared_data
+
 TASKS = ("boolq", "piqa", "winogrande", "openbookqa", "hellaswag", "arc_easy", "arc_challenge", "wikitext")
-
-
-def shared_data() -> Path:
-    """../shared/data next to the repository (the main checkout or a worktree beside it)."""
-    for base in (REPO.parent, *REPO.parents):
-        if (base / "shared" / "data" / "PROVENANCE.md").is_file():
-            return base / "shared" / "data"
-    sys.exit("error: ../shared/data not found next to the repository; the converters need the original releases there")
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -85,7 +85,7 @@ def test_unknown_task_is_a_one_line_error_with_suggestion(tiny_config):
 def test_standard_task_names_pass_through(tiny_config):
     tiny_config.eval.tasks = ["boolq", "arc_easy"]
     names, paths = resolve_tasks(tiny_config.eval)
-    assert names == ["boolq", "arc_easy"] and paths == []
+    assert names == ["boolq", "arc_easy"] and paths == [tiny_config.eval.include_path]  # the tiny tasks' folder stays
 
 
 def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets, tiny_config):
@@ -94,6 +94,6 @@ def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets
     try:
         result = evaluate_model(model, tokenizer, tiny_config.eval, limit=2)
     except QPrunerError as err:  # the usual case: hubs unreachable and boolq not in the HF cache
-        assert str(err).startswith("eval.tasks: cannot load boolq") and "\n" not in str(err)
+        assert str(err).startswith("eval.local_data.boolq: task 'boolq' cannot load") and "\n" not in str(err)
     else:  # boolq happens to be cached on this machine
         assert 0.0 <= result["tasks"]["boolq"]["acc"] <= 1.0

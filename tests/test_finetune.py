@@ -90,7 +90,7 @@ def test_nan_loss_raises_training_diverged(tiny_assets, cfg):
 
 def test_prompt_tokens_are_masked_and_response_ends_with_eos(tiny_assets):
     _, tokenizer = load_model("builtin:tiny")
-    record = load_alpaca("builtin", max_examples=1)[0]
+    record = load_alpaca(str(tiny_assets.alpaca_path), max_examples=1)[0]
     example = tokenize_dataset([record], tokenizer, max_length=512)[0]
     n_prompt = example["labels"].count(-100)
     assert n_prompt == len(tokenizer(alpaca_prompt(record))["input_ids"])
@@ -109,8 +109,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and 0 < lrs[-1] < 0.05
 
 
-def test_builtin_alpaca_records(tiny_assets):
-    records = load_alpaca("builtin", max_examples=10)
+def test_builtin_alpaca_records(tiny_assets, tiny_config):
+    assert tiny_config.finetune.data == str(tiny_assets.alpaca_path)  # `builtin` is resolved at config load
+    records = load_alpaca(tiny_config.finetune.data, max_examples=10)
     assert len(records) == 10
     assert all(isinstance(r["instruction"], str) and isinstance(r["output"], str) and isinstance(r["input"], str) for r in records)
 
