@@ -101,7 +101,7 @@ def main() -> None:
         "reproduced": abs(result["accuracy"] - reload["accuracy"]) < 1e-9,
         "timings_s": {**timings, "reload_and_eval_s": reload["seconds"], "trial_stages": {
             k: result[k] for k in ("loftq_s", "quantize_s", "finetune_s", "eval_s")}},
-        "peak_rss_mb": {"driver": peak_rss_mb(), "reload_process": peak_rss_mb(children=True)},
+        "peak_rss_mb": {"driver": peak_rss_mb(), "note": "driver process (GGUF conversion, prune, trial, export)"},
     })
 
 
