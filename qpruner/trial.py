@@ -40,7 +40,7 @@ def preflight(cfg: Config) -> None:
             ) from None
     resolve_tasks(cfg.eval, cfg.output.cache)
     load_alpaca(cfg.finetune.data, cfg.output.cache)
-    if cfg.prune.ratio > 0 and cfg.prune.method != "random":
+    if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
 
 

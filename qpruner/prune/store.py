@@ -39,6 +39,7 @@ class PruneResult:
     block_ratio: float
     seconds: float
     cached: bool
+    sparsity: Optional[dict] = None  # sparse methods: what was zeroed (qpruner_prune.json's "sparsity")
 
 
 def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
@@ -121,14 +122,16 @@ def prune_cached(cfg: Config, progress: bool = True) -> PruneResult:
 
 def _result(path: Path, key: str, meta: dict, cached: bool) -> PruneResult:
     return PruneResult(path, key, meta["params_before"], meta["params_after"], meta["overall_ratio"],
-                       meta["block_ratio"], meta["seconds"], cached)
+                       meta["block_ratio"], meta["seconds"], cached, meta.get("sparsity"))
 
 
 def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     """Prune into a temp folder, write COMPLETE last, then rename into place."""
     from qpruner.data import calibration_texts
     from qpruner.model import load_model
+    from qpruner.config import SPARSE_METHODS
     from qpruner.prune.slimgpt import prune_slimgpt
+    from qpruner.prune.sparse import prune_sparse, zero_count
     from qpruner.prune.taylor import prune_model
 
     started = time.time()
@@ -136,14 +139,17 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device)
     before = sum(p.numel() for p in model.parameters())
     batches = []
-    if cfg.prune.method != "random" and cfg.prune.ratio > 0:
+    if cfg.prune.calibrates:
         texts = calibration_texts(cfg.prune.calibration, cfg.output.cache)
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.prune.calibration.seq_len).input_ids
             batches.append(ids.to(device))
-    prune = prune_slimgpt if cfg.prune.method == "slimgpt" and cfg.prune.ratio > 0 else prune_model
+    sparse = cfg.prune.method in SPARSE_METHODS
+    prune = prune_sparse if sparse else prune_slimgpt if cfg.prune.method == "slimgpt" and cfg.prune.ratio > 0 else prune_model
+    zeros_before = zero_count(model) if sparse else 0
     info = prune(model, batches, cfg.prune, progress)
-    after = sum(p.numel() for p in model.parameters())
+    # Sparse methods keep the shapes: "after" counts the weights that are not zero (stored dense all the same).
+    after = sum(p.numel() for p in model.parameters()) - (zero_count(model) - zeros_before if sparse else 0)
     meta = {
         "key": key, "source_model": cfg.model.name, "prune": dataclasses.asdict(cfg.prune),
         "params_before": before, "params_after": after, "overall_ratio": 1 - after / before,
