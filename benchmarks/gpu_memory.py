@@ -88,11 +88,11 @@ def measure(folder, bits: list[int], steps: int = 3) -> dict:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from qpruner.standalone import build_pruned_llama, quantize_layers
+    from qpruner.standalone import build_pruned_model, quantize_layers
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build_pruned_llama(folder, torch.bfloat16)
+    model = build_pruned_model(folder, torch.bfloat16)
     quantize_layers(model, bits, {"compute_dtype": "bfloat16", "blocksize": 64, "double_quant": True}, "cuda")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))

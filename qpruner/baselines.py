@@ -41,7 +41,7 @@ def unpruned(cfg: Config) -> dict:
     from qpruner.trial import pick_device
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code,
-                                  pick_device(cfg))
+                                  pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
     ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],

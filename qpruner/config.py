@@ -27,16 +27,21 @@ SPARSE_METHODS = ("apt", "magnitude", "wanda", "sparsegpt")  # unstructured / N:
 
 @dataclass
 class ModelConfig:
-    """Which model to compress: a hub id, a local folder, or `builtin:tiny`."""
+    """Which model to compress: a hub id, a local folder, a `.gguf` file, or `builtin:tiny`."""
 
     name: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # never on unless the user asks for it
+    allow_pickle: bool = False  # load weights stored only as pickles (pytorch_model.bin): loading them runs code
 
     def validate(self, path: str) -> None:
         if self.name.startswith(BUILTIN_PREFIX) and self.name != "builtin:tiny":
             raise ConfigError(f"{path}.name", f"unknown built-in model {self.name!r}; the built-in model is 'builtin:tiny'")
         local = Path(self.name).expanduser()
+        if local.suffix == ".gguf":
+            if not local.is_file():
+                raise ConfigError(f"{path}.name", f"GGUF file {self.name!r} does not exist; give the path of a .gguf file")
+            return
         looks_local = self.name.startswith((".", "/", "~")) or local.exists()
         if looks_local and not self.name.startswith(BUILTIN_PREFIX):
             if not local.is_dir():
@@ -314,6 +319,9 @@ class Config:
 
     def validate(self, path: str) -> None:
         """Checks that span sections."""
+        if self.search.importance == "taylor" and self.prune.ratio == 0:
+            raise ConfigError("search.importance", "'taylor' reuses the pruner's scores, but prune.ratio is 0 (nothing is "
+                              "pruned or scored); use 'mi' or 'quant_loss'")
         if self.search.importance == "taylor" and self.prune.method != "taylor":
             raise ConfigError("search.importance", f"'taylor' reuses the Taylor pruner's scores, but prune.method is "
                               f"{self.prune.method!r}; use 'mi' or 'quant_loss'")

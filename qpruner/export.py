@@ -59,16 +59,21 @@ def find_adapter(run: Path, trial_id: str) -> Path:
 
 
 def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:
-    """Write the export folder for one trial (see the module docstring)."""
+    """Write the export folder for one trial of a run (see the module docstring)."""
     from qpruner.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    pruned = Path(json.loads((run / "run.json").read_text())["pruned_path"])
+    return export_trial(cfg, pruned, find_adapter(run, row["trial_id"]), row, out, merge)
+
+
+def export_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, merge: bool = False) -> Path:
+    """The export folder from a pruned model, a trained adapter and the trial's row (bits, ranks, scores)."""
     from qpruner.loftq import loftq_for_model
     from qpruner.prune import load_pruned, save_pruned
     from qpruner.quantize import settings
 
-    cfg = load_config(run / "config.yaml")
-    pruned = Path(json.loads((run / "run.json").read_text())["pruned_path"])
-    adapter = find_adapter(run, row["trial_id"])
-    bits, ranks = list(row["bits"]), row["ranks"]
+    bits, ranks = list(row["bits"]), row.get("ranks")
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_pruned(pruned)
     inits, _ = loftq_for_model(model, bits, cfg, cfg.output.cache, pruned.name, ranks=ranks)

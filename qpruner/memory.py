@@ -101,14 +101,19 @@ def model_shapes(model) -> ModelShapes:
 def shapes_from_config(config: dict) -> ModelShapes:
     """ModelShapes of a pruned model from its config.json (`qpruner_layers`), without loading weights;
     `other_bytes` is left 0 (it does not depend on the bits)."""
+    from types import SimpleNamespace
+
+    from qpruner.families import family_of
+
     hidden, head_dim = config["hidden_size"], config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    attn_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    bias = family_of(config).biases(SimpleNamespace(**config))
     layers = []
     for shape in config["qpruner_layers"]:
         q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
         inter = shape["intermediate_size"]
-        layers.append([(q, hidden, attn_bias), (kv, hidden, attn_bias), (kv, hidden, attn_bias), (hidden, q, attn_bias),
-                       (inter, hidden, mlp_bias), (inter, hidden, mlp_bias), (hidden, inter, mlp_bias)])
+        dims = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+                "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        layers.append([(*dims[name], bias[name]) for name in dims])
     return ModelShapes(layers, 0)
 
 

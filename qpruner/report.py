@@ -6,6 +6,8 @@ hypervolume.png and bits_heatmap.png next to it. Works on any results file, fini
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,7 +46,7 @@ def write_report(run_dir: str | Path) -> Path:
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines))
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, model_source(run)))
     return run / "report.md"
 
 
@@ -52,9 +54,25 @@ def write_report(run_dir: str | Path) -> Path:
 # Markdown.
 
 
+def model_source(run: Path) -> Optional[dict]:
+    """Where the run's source model came from when it was converted (a GGUF file), from the pruned model's metadata."""
+    marker = run / "run.json"
+    pruned = json.loads(marker.read_text()).get("pruned_path") if marker.is_file() else None
+    meta = Path(pruned) / "qpruner_prune.json" if pruned else None
+    return json.loads(meta.read_text()).get("model_source") if meta and meta.is_file() else None
+
+
+def source_lines(source: Optional[dict]) -> list[str]:
+    """One line saying the weights came from a quantized GGUF file and carry its rounding."""
+    if not source or source.get("format") != "gguf":
+        return []
+    return [f"- Source model: GGUF file `{Path(source['file']).name}` ({source['quant_type']}, sha256 "
+            f"{source['sha256'][:12]}), dequantized to float: every figure here includes its {source['quant_type']} rounding."]
+
+
 def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
-             baselines: Sequence[dict] = ()) -> str:
-    """The whole report as Markdown text; `baselines` are the rows of baselines.json."""
+             baselines: Sequence[dict] = (), source: Optional[dict] = None) -> str:
+    """The whole report as Markdown text; `baselines` are the rows of baselines.json, `source` the model's provenance."""
     rows = results.to_pylist()
     tasks = [c for c in results.column_names if c.startswith("acc_")]
     done = completed(results).to_pylist()
@@ -66,6 +84,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += [f"- Trials: {len(rows)}: {len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
               + (f", {len(rows) - len(done) - len(early) - len(failed)} other (pending/running)"
                  if len(rows) > len(done) + len(early) + len(failed) else "") + "."]
+    lines += source_lines(source)
     lines += time_lines(rows)
     lines += early_stop_lines(rows, early)
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "

@@ -40,15 +40,16 @@ def shape_layers(model, shapes: list[dict]) -> None:
         mlp.down_proj = _shrink(mlp.down_proj, hidden, inter)
 
 
-def build_pruned_llama(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A LlamaForCausalLM whose decoder layers take the shapes listed in config.json's `qpruner_layers`."""
+def build_pruned_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The transformers CausalLM of config.json's model_type (LLaMA, Mistral, Qwen2, Qwen3) whose decoder
+    layers take the shapes listed in its `qpruner_layers`, with the saved weights."""
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = LlamaConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):  # no memory for the unpruned shapes: weights arrive with load_state_dict
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
         shape_layers(model, config.qpruner_layers)
     state = load_file(path / "model.safetensors")
     if "lm_head.weight" not in state and config.tie_word_embeddings:
@@ -113,11 +114,11 @@ def load(path: str | Path, device: Optional[str] = None):
     path = Path(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (path / "config.json").is_file():  # a plain pruned or merged model
-        return build_pruned_llama(path).to(device), AutoTokenizer.from_pretrained(path)
+        return build_pruned_model(path).to(device), AutoTokenizer.from_pretrained(path)
     from peft import PeftModel
 
     quant = json.loads((path / "quantization.json").read_text())
-    model = build_pruned_llama(path / "base", getattr(torch, quant["settings"].get("compute_dtype", "float32")))
+    model = build_pruned_model(path / "base", getattr(torch, quant["settings"].get("compute_dtype", "float32")))
     quantize_layers(model, quant["bits"], quant["settings"], device)
     model = PeftModel.from_pretrained(model, path / "adapter", is_trainable=False)
     return model.eval(), AutoTokenizer.from_pretrained(path / "base")

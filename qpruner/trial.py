@@ -24,20 +24,9 @@ def preflight(cfg: Config) -> None:
     from qpruner.data import calibration_texts
     from qpruner.evaluate import resolve_tasks
     from qpruner.finetune import load_alpaca
+    from qpruner.model import check_model
 
-    if not cfg.model.name.startswith("builtin:") and not Path(cfg.model.name).expanduser().is_dir():
-        from transformers import AutoConfig
-
-        from qpruner.errors import ConfigError
-
-        try:
-            AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                "model.name",
-                f"cannot find {cfg.model.name!r} ({str(exc).splitlines()[0][:120]}); give a local folder, "
-                "'builtin:tiny', or a hub id reachable from this machine",
-            ) from None
+    check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     resolve_tasks(cfg.eval, cfg.output.cache)
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.calibrates:

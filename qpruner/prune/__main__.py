@@ -13,6 +13,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = base_parser("python -m qpruner.prune", "Prune a model once (cached) and store it in Hugging Face format.")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    from qpruner.model import check_model
+
+    check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)  # before Ray starts
 
     import ray
 

@@ -1,7 +1,7 @@
 """Pruned models on disk, without pickle, and the run-once cache.
 
-A pruned folder holds model.safetensors, a LlamaConfig whose `qpruner_layers` lists each decoder
-layer's head counts and intermediate size, the tokenizer, `qpruner_prune.json` (what was done), and a
+A pruned folder holds model.safetensors, the source model's config (any supported family, see
+qpruner.families) whose `qpruner_layers` lists each decoder layer's head counts and intermediate size, the tokenizer, `qpruner_prune.json` (what was done), and a
 `COMPLETE` marker written last. The folder is keyed by a hash of (model, pruning, calibration).
 """
 
@@ -53,12 +53,12 @@ def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
 
 
 def load_pruned(path: str | Path, dtype: str = "float32", device: Optional[str] = None):
-    """Rebuild a normal transformers LlamaForCausalLM with the pruned per-layer shapes; (model, tokenizer)."""
+    """Rebuild the family's own transformers CausalLM with the pruned per-layer shapes; (model, tokenizer)."""
     from transformers import AutoTokenizer
 
-    from qpruner.standalone import build_pruned_llama
+    from qpruner.standalone import build_pruned_model
 
-    model = build_pruned_llama(path, getattr(torch, dtype))
+    model = build_pruned_model(path, getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -91,6 +91,10 @@ def model_fingerprint(name: str) -> str:
 
         return f"{name}:{VERSION}"
     local = Path(name).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        from qpruner.model import file_sha256
+
+        return f"gguf:{file_sha256(local)}"
     if local.is_dir():
         files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in local.iterdir() if p.is_file())
         return hashlib.sha256(((local / "config.json").read_text() + json.dumps(files)).encode()).hexdigest()
@@ -128,15 +132,16 @@ def _result(path: Path, key: str, meta: dict, cached: bool) -> PruneResult:
 def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     """Prune into a temp folder, write COMPLETE last, then rename into place."""
     from qpruner.data import calibration_texts
-    from qpruner.model import load_model
     from qpruner.config import SPARSE_METHODS
+    from qpruner.model import load_model, resolve_model, source_info
     from qpruner.prune.slimgpt import prune_slimgpt
     from qpruner.prune.sparse import prune_sparse, zero_count
     from qpruner.prune.taylor import prune_model
 
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device,
+                                  allow_pickle=cfg.model.allow_pickle)
     before = sum(p.numel() for p in model.parameters())
     batches = []
     if cfg.prune.calibrates:
@@ -145,13 +150,19 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.prune.calibration.seq_len).input_ids
             batches.append(ids.to(device))
     sparse = cfg.prune.method in SPARSE_METHODS
-    prune = prune_sparse if sparse else prune_slimgpt if cfg.prune.method == "slimgpt" and cfg.prune.ratio > 0 else prune_model
     zeros_before = zero_count(model) if sparse else 0
-    info = prune(model, batches, cfg.prune, progress)
+    if sparse:
+        info = prune_sparse(model, batches, cfg.prune, progress)
+    elif cfg.prune.ratio == 0:  # the unpruned baseline through the same pipeline: stored as is
+        info = {"layers": [], "groups_removed": 0, "channels_removed": 0, "block_ratio": 0.0, "layer_importance": []}
+    else:
+        prune = prune_slimgpt if cfg.prune.method == "slimgpt" else prune_model
+        info = prune(model, batches, cfg.prune, progress)
     # Sparse methods keep the shapes: "after" counts the weights that are not zero (stored dense all the same).
     after = sum(p.numel() for p in model.parameters()) - (zero_count(model) - zeros_before if sparse else 0)
     meta = {
-        "key": key, "source_model": cfg.model.name, "prune": dataclasses.asdict(cfg.prune),
+        "key": key, "source_model": cfg.model.name, "model_source": source_info(resolve_model(cfg.model.name, cfg.output.cache)),
+        "prune": dataclasses.asdict(cfg.prune),
         "params_before": before, "params_after": after, "overall_ratio": 1 - after / before,
         "seconds": round(time.time() - started, 2), **info,
     }
