@@ -59,7 +59,7 @@ def run_trial(
     from qpruner.evaluate import evaluate_model, make_validator
     from qpruner.finetune import finetune
     from qpruner.loftq import apply_loftq_adapters, loftq_for_model
-    from qpruner.memory import memory_report
+    from qpruner.memory import memory_report, weight_storage
     from qpruner.prune import load_pruned
     from qpruner.quantize import lora_config_for, quantize_model, validate_bits
 
@@ -121,6 +121,7 @@ def run_trial(
         "memory_gb": memory.objective_gb,
         "memory_bytes": memory.objective_bytes,
         "memory_source": memory.source,
+        "weight_storage": weight_storage(pruned_path),
         "weight_bytes": memory.weight_bytes,
         "lora_bytes": memory.lora_bytes,
         "peak_estimate_bytes": memory.peak_estimate_bytes,

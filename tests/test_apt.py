@@ -170,3 +170,26 @@ def test_prune_cli_writes_exact_2_4(tmp_path, tiny_assets):
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(50.0000%), stored dense" in proc.stdout
+
+
+@pytest.mark.slow  # ~40 s on 2 free cores: a whole (short) trial plus a zero-shot evaluation
+def test_trial_and_no_retraining_baseline_on_an_apt_model(cache):
+    """An APT 2:4 tiny model goes through 4/8-bit quantization, LoftQ, LoRA fine-tuning and evaluation; the
+    trial records dense storage; the "apt" baseline row (zero-shot, no retraining) is measured beside it."""
+    import yaml
+
+    from qpruner.baselines import apt_no_retraining
+    from qpruner.trial import run_trial
+
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    raw["prune"] = {"method": "apt", "ratio": 0, "sparsity": "2:4"}
+    raw["finetune"].update(steps=4, report_every=2, val_limit=8)
+    raw["output"] = {"cache_dir": str(cache)}
+    cfg = config_from_dict(raw)
+    path = prune_cached(cfg, progress=False).path
+    result = run_trial(cfg, path, [4, 8, 4, 8, 4, 8])
+    assert result["steps"] == 4 and 0 < result["accuracy"] <= 1
+    assert result["weight_storage"] == "dense (sparsity 2:4: zeros stored)"
+    assert result["weight_bytes"] > 0 and result["memory_bytes"] > result["weight_bytes"]
+    baseline = apt_no_retraining(cfg)
+    assert baseline["label"] == "APT, no retraining" and baseline["memory_bytes"] is None and 0 < baseline["accuracy"] <= 1
