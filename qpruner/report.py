@@ -149,7 +149,8 @@ def early_stop_lines(rows: list[dict], early: list[dict]) -> list[str]:
 
 
 def storage_of(rows: list[dict]) -> str:
-    """How the trials' weights were stored (dense unless a run recorded otherwise; older runs lack the field)."""
+    """How the trials' weights were stored. results.parquet's fixed schema has no weight_storage column yet,
+    so rows read back say nothing and count as dense, which every qpruner pruner produces today."""
     kinds = sorted({r.get("weight_storage") or "dense" for r in rows})
     return " / ".join(kinds) if kinds else "dense"
 
