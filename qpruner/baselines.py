@@ -1,18 +1,20 @@
-"""The paper's reference rows, measured after the search: the unpruned model (zero-shot, no fine-tuning)
-and the pruned model with plain LoRA at uniform 16 bits. The uniform 4- and 8-bit LoftQ rows come from
+"""The paper's reference rows, measured after the search: the unpruned model (zero-shot, no fine-tuning),
+the pruned model with plain LoRA at uniform 16 bits, and optionally "apt": the source model pruned by APT
+at matching sparsity with no retraining (arXiv 2410.15567's setting). The uniform 4- and 8-bit LoftQ rows come from
 the search's own anchor trials. Results go to RUN_DIR/baselines.json, one entry as each finishes, so
 a rerun (or `--resume`) only measures what is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from qpruner.config import Config, config_from_dict
 
 FILE = "baselines.json"
-LABELS = {"unpruned": "unpruned, no fine-tuning", "uniform-16": "uniform-16 LoRA"}
+LABELS = {"unpruned": "unpruned, no fine-tuning", "uniform-16": "uniform-16 LoRA", "apt": "APT, no retraining"}
 
 
 def load(run: Path) -> dict[str, dict]:
@@ -30,7 +32,34 @@ def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
 
         result = run_trial(cfg, pruned_path, [16] * n_layers)
         return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"])
+    if name == "apt":
+        return apt_no_retraining(cfg)
     return unpruned(cfg)
+
+
+def apt_sparsity(cfg: Config):
+    """The APT baseline's sparsity: the run's own prune.sparsity for a sparse method, else prune.ratio as an
+    unstructured fraction (a structured ratio counts the whole model, APT's the decoder Linears: close, not equal)."""
+    from qpruner.config import SPARSE_METHODS
+
+    return cfg.prune.sparsity if cfg.prune.method in SPARSE_METHODS else cfg.prune.ratio
+
+
+def apt_no_retraining(cfg: Config) -> dict:
+    """The source model APT-pruned (same calibration, the shared prune cache) at matching sparsity, evaluated
+    zero-shot without quantization or fine-tuning; memory is its dense weights (zeros stored)."""
+    from qpruner.evaluate import evaluate_model
+    from qpruner.memory import weight_bytes
+    from qpruner.prune import load_pruned, prune_cached
+    from qpruner.trial import pick_device
+
+    prune = {**dataclasses.asdict(cfg.prune), "method": "apt", "ratio": 0.0, "sparsity": apt_sparsity(cfg)}
+    apt_cfg = config_from_dict({**cfg.to_dict(), "prune": prune, "search": {**cfg.to_dict()["search"], "importance": "mi"}})
+    model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    bits = [16] * len(model.model.layers)
+    return row("apt", bits, ev["mean_acc"], {t: r["acc"] for t, r in ev["tasks"].items()}, None,
+               weight_bytes(model, bits, cfg.quant)["total"])
 
 
 def unpruned(cfg: Config) -> dict:

@@ -23,6 +23,7 @@ from qpruner.errors import ConfigError
 ALLOWED_BITS = (4, 8, 16)  # bitsandbytes NF4, LLM.int8; 16 = keep the layer in the compute dtype
 BUILTIN_PREFIX = "builtin:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # what eval.local_data / eval.val_data files may be
+SPARSE_METHODS = ("apt", "magnitude", "wanda", "sparsegpt")  # unstructured / N:M, amount in prune.sparsity
 
 
 @dataclass
@@ -68,10 +69,14 @@ class CalibrationConfig:
 
 @dataclass
 class PruneConfig:
-    """Structured pruning: LLM-Pruner style Taylor importance (default), SlimGPT's layer-wise OBS, or random."""
+    """Structured pruning (Taylor importance, SlimGPT's layer-wise OBS, random) or, with `sparsity`,
+    post-training unstructured / N:M pruning (APT and its baselines magnitude, Wanda, SparseGPT-style)."""
 
-    method: Literal["taylor", "random", "slimgpt"] = "taylor"
-    ratio: float = 0.2  # fraction of the WHOLE model's parameters removed
+    method: Literal["taylor", "random", "slimgpt", "apt", "magnitude", "wanda", "sparsegpt"] = "taylor"
+    ratio: float = 0.2  # structured: fraction of the WHOLE model's parameters removed (0 for the sparse methods)
+    # Sparse methods only: fraction of each decoder Linear's weights set to zero (0.5), or "N:M" (at most N
+    # nonzero weights in every M consecutive inputs: "2:4", "4:8"). Stored dense, zeros included.
+    sparsity: Union[float, str] = 0.0
     # Prunable decoder layers [first, last); null = LLM-Pruner's default scaled to depth.
     first_layer: Optional[int] = None
     last_layer: Optional[int] = None
@@ -92,6 +97,32 @@ class PruneConfig:
             raise ConfigError(f"{path}.first_layer", "must be smaller than prune.last_layer")
         if not (self.prune_attention or self.prune_mlp) and self.ratio > 0:
             raise ConfigError(f"{path}.prune_mlp", "at least one of prune_attention / prune_mlp must be true when ratio > 0")
+        self.sparsity_spec(path)
+        if self.method in SPARSE_METHODS and self.ratio > 0:
+            raise ConfigError(f"{path}.ratio", f"is the structured fraction, unused by method {self.method!r}; set "
+                              f"{path}.ratio: 0 and give the amount as {path}.sparsity (e.g. 0.5 or '2:4')")
+        if self.method not in SPARSE_METHODS and self.sparsity != 0:
+            raise ConfigError(f"{path}.sparsity", f"applies only to methods {', '.join(SPARSE_METHODS)}; "
+                              f"method {self.method!r} uses {path}.ratio, so set {path}.sparsity: 0")
+
+    def sparsity_spec(self, path: str = "prune") -> tuple[float, int, int]:
+        """(fraction of weights zeroed, N, M); N = M = 0 for unstructured sparsity."""
+        if isinstance(self.sparsity, float):
+            if not 0.0 <= self.sparsity < 1.0:
+                raise ConfigError(f"{path}.sparsity", f"must be a fraction in [0, 1) or 'N:M' such as '2:4'; got {self.sparsity}")
+            return self.sparsity, 0, 0
+        parts = self.sparsity.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]) <= 64:
+            raise ConfigError(f"{path}.sparsity", f"must be a fraction in [0, 1) or 'N:M' with 0 < N < M <= 64 "
+                              f"(e.g. '2:4', '4:8'); got {self.sparsity!r}")
+        n, m = int(parts[0]), int(parts[1])
+        return 1 - n / m, n, m
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether this pruning reads calibration text (random and magnitude do not, nor a no-op)."""
+        amount = self.sparsity_spec()[0] if self.method in SPARSE_METHODS else self.ratio
+        return amount > 0 and self.method not in ("random", "magnitude")
 
 
 @dataclass
@@ -234,7 +265,8 @@ class SearchConfig:
     ranks: Optional[list[int]] = None  # RankAdaptor: also search each layer's LoRA rank
     max_failures: int = 0  # Tune retries of a failed trial
     seed: int = 0
-    # Reference rows measured after the search for the report: "unpruned" (zero-shot) and "uniform-16" (LoRA).
+    # Reference rows measured after the search for the report: "unpruned" (zero-shot), "uniform-16" (LoRA) and
+    # "apt" (the source model APT-pruned to matching sparsity, no retraining; see qpruner/baselines.py).
     baselines: list[str] = field(default_factory=lambda: ["unpruned", "uniform-16"])
     asha: AshaConfig = field(default_factory=AshaConfig)
 
@@ -247,9 +279,9 @@ class SearchConfig:
             raise ConfigError(f"{path}.temperature", f"must be > 0, got {self.temperature}")
         if self.max_failures < 0:
             raise ConfigError(f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
-        unknown = [b for b in self.baselines if b not in ("unpruned", "uniform-16")]
+        unknown = [b for b in self.baselines if b not in ("unpruned", "uniform-16", "apt")]
         if unknown:
-            raise ConfigError(f"{path}.baselines", f"unknown baseline {unknown[0]!r}; use a subset of [unpruned, uniform-16] or []")
+            raise ConfigError(f"{path}.baselines", f"unknown baseline {unknown[0]!r}; use a subset of [unpruned, uniform-16, apt] or []")
         if self.ranks is not None:
             if not self.ranks or any(r <= 0 for r in self.ranks):
                 raise ConfigError(f"{path}.ranks", "must be null or a list of positive LoRA ranks, e.g. [4, 8, 16]")

@@ -179,3 +179,15 @@ def memory_report(peft_model, bits: Sequence[int], cfg: Config, device: Optional
     if device == "cuda":
         return MemoryReport.from_cuda(weights, lora, estimate)
     return MemoryReport(weights, lora, estimate, None, "estimated")
+
+
+def weight_storage(pruned_path) -> str:
+    """How the pruned weights are stored, so memory figures say what they count: "dense" (structured
+    pruning, or unstructured / N:M zeros kept as dense values: they take as many bytes as any weight);
+    qpruner uses no sparse tensor format, so zeros save nothing here."""
+    import json
+    from pathlib import Path
+
+    meta = Path(pruned_path) / "qpruner_prune.json"
+    sparsity = json.loads(meta.read_text()).get("sparsity") if meta.is_file() else None
+    return f"dense (sparsity {sparsity['spec']}: zeros stored)" if sparsity else "dense"

@@ -90,7 +90,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
               f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
               f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory, fixed for the run).",
-              f"- Memory objective: {memory_sources(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
+              f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
     lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first.", ""]
     lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
     lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines)
@@ -148,6 +148,13 @@ def early_stop_lines(rows: list[dict], early: list[dict]) -> list[str]:
     return [f"- Early stopping: {len(early)} trials stopped; {saved} fine-tuning steps saved{share}."]
 
 
+def storage_of(rows: list[dict]) -> str:
+    """How the trials' weights were stored. results.parquet's fixed schema has no weight_storage column yet,
+    so rows read back say nothing and count as dense, which every qpruner pruner produces today."""
+    kinds = sorted({r.get("weight_storage") or "dense" for r in rows})
+    return " / ".join(kinds) if kinds else "dense"
+
+
 def memory_sources(rows: list[dict]) -> str:
     """Whether the memory objective was measured on a GPU, estimated, or a mix."""
     sources = [r["memory_source"] for r in rows if r["memory_source"]]
@@ -171,7 +178,9 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
             uniform.setdefault(r["bits"][0], r)
     mixed = [r for r in done if len(set(r["bits"])) > 1]
     unpruned = next((b for b in baselines if b["trial_id"] == "baseline:unpruned"), None)
+    apt = next((b for b in baselines if b["trial_id"] == "baseline:apt"), None)
     labelled = [(unpruned["label"], unpruned)] if unpruned else []
+    labelled += [(apt["label"], apt)] if apt else []
     labelled += [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
     best = max(mixed, key=lambda r: r["accuracy"]) if mixed else None
     if best:
@@ -193,6 +202,9 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
     if unpruned:
         note += ["The unpruned model is evaluated zero-shot as loaded; its memory column is empty because it was "
                  f"not fine-tuned (its weights alone take {unpruned['weight_bytes'] / GB:.4f} GB).", ""]
+    if apt:
+        note += ["APT, no retraining: the source model pruned by APT at matching sparsity (qpruner/baselines.py), "
+                 f"zero-shot, unquantized; its memory column is empty (dense weights with zeros: {apt['weight_bytes'] / GB:.4f} GB).", ""]
     table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled])
     return note + table + ([""] + deltas if deltas else [])
 

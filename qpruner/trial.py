@@ -33,7 +33,7 @@ def preflight(cfg: Config) -> None:
     check_hub_data(names + [n for n in val[0] if n not in names], paths)  # the usual offline failure, in ~1 s
     check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     load_alpaca(cfg.finetune.data, cfg.output.cache)
-    if cfg.prune.ratio > 0 and cfg.prune.method != "random":
+    if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
     load_tasks(tuple(names), tuple(paths))
     if val[0] != tuple(names):
@@ -66,7 +66,7 @@ def run_trial(
     from qpruner.evaluate import evaluate_model, make_validator
     from qpruner.finetune import finetune
     from qpruner.loftq import apply_loftq_adapters, loftq_for_model
-    from qpruner.memory import memory_report
+    from qpruner.memory import memory_report, weight_storage
     from qpruner.prune import load_pruned
     from qpruner.quantize import lora_config_for, quantize_model, validate_bits
 
@@ -128,6 +128,7 @@ def run_trial(
         "memory_gb": memory.objective_gb,
         "memory_bytes": memory.objective_bytes,
         "memory_source": memory.source,
+        "weight_storage": weight_storage(pruned_path),
         "weight_bytes": memory.weight_bytes,
         "lora_bytes": memory.lora_bytes,
         "peak_estimate_bytes": memory.peak_estimate_bytes,

@@ -78,6 +78,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
         "val_acc": last.get("val_acc"),
         "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
         "memory_source": last.get("memory_source"),
+        "weight_storage": last.get("weight_storage"),
         "weight_bytes": last.get("weight_bytes"),
         "lora_bytes": last.get("lora_bytes"),
         "peak_estimate_bytes": last.get("peak_estimate_bytes"),

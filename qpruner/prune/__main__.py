@@ -28,6 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"pruned model: {result.path}")
     print(f"parameters:   {result.params_before:,} -> {result.params_after:,} "
           f"(overall {result.overall_ratio:.1%}, per prunable block {result.block_ratio:.1%})")
+    if result.sparsity:
+        sp = result.sparsity
+        print(f"sparsity:     {sp['spec']} -> {sp['zeros']:,} of {sp['weights']:,} decoder Linear weights are zero "
+              f"({sp['zeros'] / sp['weights']:.4%}), stored {sp['storage']}")
     print(f"time:         {result.seconds:.1f} s when built" + (" (cached: reused, nothing pruned now)" if result.cached else " (built now)"))
     return 0
 

@@ -39,6 +39,7 @@ class PruneResult:
     block_ratio: float
     seconds: float
     cached: bool
+    sparsity: Optional[dict] = None  # sparse methods: what was zeroed (qpruner_prune.json's "sparsity")
 
 
 def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
@@ -121,14 +122,16 @@ def prune_cached(cfg: Config, progress: bool = True) -> PruneResult:
 
 def _result(path: Path, key: str, meta: dict, cached: bool) -> PruneResult:
     return PruneResult(path, key, meta["params_before"], meta["params_after"], meta["overall_ratio"],
-                       meta["block_ratio"], meta["seconds"], cached)
+                       meta["block_ratio"], meta["seconds"], cached, meta.get("sparsity"))
 
 
 def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     """Prune into a temp folder, write COMPLETE last, then rename into place."""
     from qpruner.data import calibration_texts
+    from qpruner.config import SPARSE_METHODS
     from qpruner.model import load_model, resolve_model, source_info
     from qpruner.prune.slimgpt import prune_slimgpt
+    from qpruner.prune.sparse import prune_sparse, zero_count
     from qpruner.prune.taylor import prune_model
 
     started = time.time()
@@ -137,17 +140,22 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
                                   allow_pickle=cfg.model.allow_pickle)
     before = sum(p.numel() for p in model.parameters())
     batches = []
-    if cfg.prune.method != "random" and cfg.prune.ratio > 0:
+    if cfg.prune.calibrates:
         texts = calibration_texts(cfg.prune.calibration, cfg.output.cache)
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.prune.calibration.seq_len).input_ids
             batches.append(ids.to(device))
-    if cfg.prune.ratio == 0:  # the unpruned baseline through the same pipeline: stored as is
+    sparse = cfg.prune.method in SPARSE_METHODS
+    zeros_before = zero_count(model) if sparse else 0
+    if sparse:
+        info = prune_sparse(model, batches, cfg.prune, progress)
+    elif cfg.prune.ratio == 0:  # the unpruned baseline through the same pipeline: stored as is
         info = {"layers": [], "groups_removed": 0, "channels_removed": 0, "block_ratio": 0.0, "layer_importance": []}
     else:
         prune = prune_slimgpt if cfg.prune.method == "slimgpt" else prune_model
         info = prune(model, batches, cfg.prune, progress)
-    after = sum(p.numel() for p in model.parameters())
+    # Sparse methods keep the shapes: "after" counts the weights that are not zero (stored dense all the same).
+    after = sum(p.numel() for p in model.parameters()) - (zero_count(model) - zeros_before if sparse else 0)
     meta = {
         "key": key, "source_model": cfg.model.name, "model_source": source_info(resolve_model(cfg.model.name, cfg.output.cache)),
         "prune": dataclasses.asdict(cfg.prune),
