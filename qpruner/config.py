@@ -97,6 +97,7 @@ class QuantConfig:
     blocksize: int = 64
     quant_type: Literal["nf4", "fp4"] = "nf4"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold for 8-bit layers; 0 = every input column int8
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
 
@@ -109,6 +110,10 @@ class QuantConfig:
         if len(set(self.bits)) != len(self.bits):
             raise ConfigError(f"{path}.bits", "lists a bit-width twice")
         self.bits = sorted(self.bits)
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) \
+                or self.int8_threshold < 0:
+            raise ConfigError(f"{path}.int8_threshold", f"must be a number >= 0 (0 = no outlier columns), got {self.int8_threshold!r}")
+        self.int8_threshold = float(self.int8_threshold)
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"{path}.blocksize", f"must be a power of two in 32..4096, got {self.blocksize}")
 
