@@ -72,7 +72,7 @@ class PruneConfig:
     prune_attention: bool = True
     prune_mlp: bool = True
     taylor_order: Literal["first", "second"] = "first"  # second adds the Fisher-diagonal term
-    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    aggregation: Literal["sum", "mean", "max", "prod", "last"] = "sum"  # across coupled modules (LLM-Pruner)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, path: str) -> None:
