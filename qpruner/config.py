@@ -178,6 +178,9 @@ class EvalConfig:
     include_path: Optional[str] = None  # folder of extra lm-eval YAML tasks
     limit: Optional[int] = None  # examples per task (null = all)
     batch_size: int = 16
+    # per-task accuracy behind the objective: `paper` = acc_norm for the tasks LLM-Pruner/QPruner report it
+    # for (hellaswag, arc_easy, arc_challenge, openbookqa, piqa), acc elsewhere
+    metric: Literal["paper", "acc", "acc_norm"] = "paper"
 
     def validate(self, path: str) -> None:
         if not self.tasks:

@@ -109,11 +109,11 @@ def evaluate_model(
     names, paths = resolve_tasks(ecfg, cache_dir, tasks)
     lm = wrap_model(model, tokenizer, ecfg.batch_size)
     scores = run_tasks(lm, load_tasks(tuple(names), tuple(paths)), ecfg.limit if limit is None else limit)
-    return {"tasks": scores, "mean_acc": mean_acc(scores), "seconds": time.perf_counter() - started}
+    return {"tasks": scores, "mean_acc": mean_acc(scores, ecfg.metric), "seconds": time.perf_counter() - started}
 
 
 def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], float]:
-    """A quick accuracy for early stopping: mean acc over the validation tasks, `finetune.val_limit` docs each.
+    """A quick accuracy for early stopping: mean `eval.metric` over the validation tasks, `finetune.val_limit` docs each.
 
     `builtin` uses the `*_val` tasks (held-out docs, disjoint from the test docs); any other task is
     validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
@@ -124,7 +124,7 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     limit = cfg.finetune.val_limit
 
     def validate() -> float:
-        return mean_acc(run_tasks(lm, task_dict, limit))
+        return mean_acc(run_tasks(lm, task_dict, limit), cfg.eval.metric)
 
     return validate
 
@@ -162,9 +162,20 @@ def run_tasks(lm: HFLM, task_dict: dict, limit: Optional[int] = None) -> dict[st
     return scores
 
 
-def mean_acc(scores: dict[str, dict[str, Optional[float]]]) -> float:
-    """Unweighted mean of `acc` over tasks (the accuracy objective of the search)."""
-    return sum(s["acc"] for s in scores.values()) / len(scores)
+# Tasks whose accuracy LLM-Pruner and QPruner report as lm-eval's length-normalised acc_norm.
+PAPER_ACC_NORM = frozenset({"hellaswag", "arc_easy", "arc_challenge", "openbookqa", "piqa"})
+
+
+def task_metric(task: str, metric: str, score: dict[str, Optional[float]]) -> str:
+    """Which of a task's metrics `eval.metric` picks: acc_norm where asked for (paper: PAPER_ACC_NORM) and
+    the task reports it, acc otherwise."""
+    wants_norm = metric == "acc_norm" or (metric == "paper" and task in PAPER_ACC_NORM)
+    return "acc_norm" if wants_norm and score.get("acc_norm") is not None else "acc"
+
+
+def mean_acc(scores: dict[str, dict[str, Optional[float]]], metric: str = "acc") -> float:
+    """Unweighted mean over tasks of each task's `metric` choice (the accuracy objective of the search)."""
+    return sum(s[task_metric(t, metric, s)] for t, s in scores.items()) / len(scores)
 
 
 def _metric(metrics: dict, name: str) -> Optional[float]:
