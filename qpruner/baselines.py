@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 from qpruner.config import Config, config_from_dict
 
@@ -31,7 +32,8 @@ def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
         from qpruner.trial import run_trial
 
         result = run_trial(cfg, pruned_path, [16] * n_layers)
-        return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"])
+        return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"],
+                   result["task_acc_norm"])
     if name == "apt":
         return apt_no_retraining(cfg)
     return unpruned(cfg)
@@ -74,12 +76,15 @@ def unpruned(cfg: Config) -> dict:
     ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],
-               {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights)
+               {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights,
+               {t: r.get("acc_norm") for t, r in ev["tasks"].items()})
 
 
-def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int) -> dict:
+def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int,
+        task_acc_norm: Optional[dict] = None) -> dict:
     return {"trial_id": f"baseline:{name}", "label": LABELS[name], "bits": bits, "accuracy": accuracy,
-            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()}}
+            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()},
+            **{f"acc_norm_{t}": a for t, a in (task_acc_norm or {}).items()}}
 
 
 def run_baselines(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict) -> dict[str, dict]:

@@ -83,7 +83,7 @@ class PruneConfig:
     prune_attention: bool = True
     prune_mlp: bool = True
     taylor_order: Literal["first", "second"] = "first"  # second adds the Fisher-diagonal term
-    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    aggregation: Literal["sum", "mean", "max", "prod", "last"] = "sum"  # across coupled modules (LLM-Pruner)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, path: str) -> None:
@@ -134,6 +134,7 @@ class QuantConfig:
     blocksize: int = 64
     quant_type: Literal["nf4", "fp4"] = "nf4"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold for 8-bit layers; 0 = every input column int8
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
 
@@ -146,6 +147,10 @@ class QuantConfig:
         if len(set(self.bits)) != len(self.bits):
             raise ConfigError(f"{path}.bits", "lists a bit-width twice")
         self.bits = sorted(self.bits)
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) \
+                or self.int8_threshold < 0:
+            raise ConfigError(f"{path}.int8_threshold", f"must be a number >= 0 (0 = no outlier columns), got {self.int8_threshold!r}")
+        self.int8_threshold = float(self.int8_threshold)
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"{path}.blocksize", f"must be a power of two in 32..4096, got {self.blocksize}")
 
@@ -215,6 +220,9 @@ class EvalConfig:
     local_data: dict[str, str] = field(default_factory=dict)
     # {task: file}, same schema: the quick-validation split, evaluated as the derived twin `<task>_val`.
     val_data: dict[str, str] = field(default_factory=dict)
+    # per-task accuracy behind the objective: `paper` = acc_norm for the tasks LLM-Pruner/QPruner report it
+    # for (hellaswag, arc_easy, arc_challenge, openbookqa, piqa), acc elsewhere
+    metric: Literal["paper", "acc", "acc_norm"] = "paper"
 
     def validate(self, path: str) -> None:
         if not self.tasks:

@@ -256,11 +256,12 @@ def evaluate_model(
     lm = wrap_model(model, tokenizer, ecfg.batch_size)
     scores = run_tasks(lm, load_tasks(tuple(names), tuple(paths)), ecfg.limit if limit is None else limit)
     accs = any(s["acc"] is not None for s in scores.values())
-    return {"tasks": scores, "mean_acc": mean_acc(scores) if accs else None, "seconds": time.perf_counter() - started}
+    return {"tasks": scores, "mean_acc": mean_acc(scores, ecfg.metric) if accs else None,
+            "seconds": time.perf_counter() - started}
 
 
 def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], float]:
-    """A quick accuracy for early stopping: mean acc over the validation tasks, `finetune.val_limit` docs each.
+    """A quick accuracy for early stopping: mean `eval.metric` over the validation tasks, `finetune.val_limit` docs each.
 
     Tasks with a `T_val` twin (eval.val_data, the built-in tasks) use its held-out docs; any other task
     is validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
@@ -271,7 +272,7 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     limit = cfg.finetune.val_limit
 
     def validate() -> float:
-        return mean_acc(run_tasks(lm, task_dict, limit))
+        return mean_acc(run_tasks(lm, task_dict, limit), cfg.eval.metric)
 
     return validate
 
@@ -306,13 +307,25 @@ def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: 
     return scores
 
 
-def mean_acc(scores: dict[str, dict[str, Optional[float]]]) -> float:
-    """Unweighted mean of `acc` over the tasks that have one (the accuracy objective of the search)."""
-    accs = [s["acc"] for s in scores.values() if s.get("acc") is not None]
-    if not accs:
+# Tasks whose accuracy LLM-Pruner and QPruner report as lm-eval's length-normalised acc_norm.
+PAPER_ACC_NORM = frozenset({"hellaswag", "arc_easy", "arc_challenge", "openbookqa", "piqa"})
+
+
+def task_metric(task: str, metric: str, score: dict[str, Optional[float]]) -> str:
+    """Which of a task's metrics `eval.metric` picks: acc_norm where asked for (paper: PAPER_ACC_NORM) and
+    the task reports it, acc otherwise."""
+    wants_norm = metric == "acc_norm" or (metric == "paper" and task in PAPER_ACC_NORM)
+    return "acc_norm" if wants_norm and score.get("acc_norm") is not None else "acc"
+
+
+def mean_acc(scores: dict[str, dict[str, Optional[float]]], metric: str = "acc") -> float:
+    """Unweighted mean over the tasks that report accuracy (perplexity tasks do not) of each task's `metric`
+    choice: the accuracy objective of the search."""
+    picked = [s[task_metric(t, metric, s)] for t, s in scores.items() if s.get("acc") is not None]
+    if not picked:
         raise ConfigError("eval.tasks", f"no task reports an 'acc' metric ({', '.join(scores)}); the search needs "
                           f"multiple-choice tasks such as {', '.join(STANDARD_TASKS)}")
-    return sum(accs) / len(accs)
+    return sum(picked) / len(picked)
 
 
 def _metric(metrics: dict, name: str) -> Optional[float]:

@@ -24,7 +24,7 @@ import torch
 from qpruner.config import Config, QuantConfig
 from qpruner.errors import QPrunerError
 
-CACHE_VERSION = 2  # bump when the stored factors change meaning
+CACHE_VERSION = 3  # bump when the stored factors change meaning
 
 
 @dataclass
@@ -63,7 +63,11 @@ def quant_dequant(weight: torch.Tensor, bits: int, qcfg: QuantConfig) -> torch.T
             compress_statistics=qcfg.double_quant, quant_type=qcfg.quant_type,
         )
         return F.dequantize_4bit(packed, state).float()
-    if bits == 8:  # Int8Params._quantize: row-wise absmax int8 of the fp16 weight
+    # 8 bits: Int8Params._quantize, row-wise absmax int8 of the fp16 weight. LLM.int8 multiplies the same
+    # dequantized weight in its outlier columns (fp16 activations) and elsewhere (int8 activations), so the
+    # weight-side error is exactly this; the activation rounding is per token and no weight correction can
+    # absorb it, so LoftQ leaves it alone (the LoRA path itself runs on the unquantized input).
+    if bits == 8:
         q, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
         return F.int8_vectorwise_dequant(q, scales).float()
     if bits == 16:

@@ -57,7 +57,8 @@ def linear_bytes(out_features: int, in_features: int, bits: int, qcfg: QuantConf
 
     4-bit: packed nibbles + the 16-entry fp32 code + per-block absmax: fp32 per block, or with double
     quantization uint8 per block + fp32 absmax per 256 blocks + the 256-entry fp32 code + an fp32 offset.
-    8-bit: int8 weights + one fp32 scale (SCB) per output row. 16: the compute dtype.
+    8-bit: int8 weights + one fp32 scale (SCB) per output row; LLM.int8's outlier columns add no stored
+    weights (they use the same int8 weight, dequantized per forward). 16: the compute dtype.
     """
     n = out_features * in_features
     if bits == 4:

@@ -52,8 +52,20 @@ def _column(records: Sequence[dict], name: str) -> list:
     return [r.get(name) for r in records]
 
 
+def metric_columns(names: Sequence[str]) -> list[str]:
+    """The per-task metric columns in results_table's order: every acc_<task>, then every acc_norm_<task>."""
+    norm = sorted(c for c in names if c.startswith("acc_norm_"))
+    return sorted(c for c in names if c.startswith("acc_") and c not in norm) + norm
+
+
+def column_label(column: str) -> str:
+    """A table header that says the metric: acc_norm_hellaswag -> 'hellaswag (acc_norm)'."""
+    metric = "acc_norm" if column.startswith("acc_norm_") else "acc"
+    return f"{column[len(metric) + 1:]} ({metric})"
+
+
 def results_table(records: Sequence[dict]) -> pa.Table:
-    """One row per trial: the FIXED columns, then one `acc_<task>` column per task seen; sorted by start.
+    """One row per trial: the FIXED columns, then `acc_<task>` and `acc_norm_<task>` per task seen; sorted by start.
 
     The schema metadata holds the objectives and the run's hypervolume reference point.
     """
@@ -64,6 +76,9 @@ def results_table(records: Sequence[dict]) -> pa.Table:
     for task in tasks:
         columns.append(pa.array([(r.get("task_acc") or {}).get(task) for r in records], type=pa.float64()))
         fields.append(pa.field(f"acc_{task}", pa.float64()))
+    for task in tasks:
+        columns.append(pa.array([(r.get("task_acc_norm") or {}).get(task) for r in records], type=pa.float64()))
+        fields.append(pa.field(f"acc_norm_{task}", pa.float64()))
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     return with_reference(table, reference_rule(table))
 
@@ -223,7 +238,7 @@ def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
     old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
     fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
     merged = pa.concat_tables([fresh, old], promote_options="default")
-    columns = FIXED.names + sorted(c for c in merged.column_names if c.startswith("acc_"))  # same order as results_table
+    columns = FIXED.names + metric_columns(merged.column_names)  # same order as results_table
     return merged.select(columns).sort_by("started_at").replace_schema_metadata(results.schema.metadata)
 
 
@@ -275,11 +290,11 @@ def print_front(front: pa.Table, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tasks = [c for c in front.column_names if c.startswith("acc_")]
+    tasks = metric_columns(front.column_names)
     table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)")
     table.add_column("trial", no_wrap=True)
     table.add_column("bits per layer", no_wrap=True)
-    for col in ["accuracy", *[t[4:] for t in tasks], "memory GB"]:
+    for col in ["accuracy", *[column_label(t) for t in tasks], "memory GB"]:
         table.add_column(col, justify="right")
     for r in front.to_pylist():
         table.add_row(r["trial_id"], compact_bits(r["bits"]), f"{r['accuracy']:.3f}",

@@ -1,5 +1,6 @@
 """Per-layer mixed precision with real bitsandbytes modules: 4 -> NF4/FP4 Linear4bit, 8 -> LLM.int8
-Linear8bitLt (threshold 0, int8 weights), 16 -> the compute dtype. Embeddings, norms and lm_head stay
+Linear8bitLt (row-wise int8 weights, outlier threshold quant.int8_threshold, default 6.0; see
+qpruner.standalone._int8_module for why it runs the same numerics in training and evaluation), 16 -> the compute dtype. Embeddings, norms and lm_head stay
 unquantized.
 
 The module swap itself lives in `qpruner.standalone.quantize_layers`, the file copied beside every
@@ -43,7 +44,8 @@ def parse_bits(text: str, n_layers: int, allowed: Sequence[int]) -> list[int]:
 def settings(qcfg: QuantConfig) -> dict:
     """The bitsandbytes settings that travel with an exported model (quantization.json)."""
     return {"compute_dtype": qcfg.compute_dtype, "blocksize": qcfg.blocksize,
-            "double_quant": qcfg.double_quant, "quant_type": qcfg.quant_type}
+            "double_quant": qcfg.double_quant, "quant_type": qcfg.quant_type,
+            "int8_threshold": qcfg.int8_threshold}
 
 
 def quantize_model(model, bits: Sequence[int], qcfg: QuantConfig, residual_weights: Optional[dict] = None,

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 from qpruner.baselines import load as load_baselines
 from qpruner.errors import QPrunerError
 from qpruner.pareto import (
-    GB, compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point,
-    uniform_baselines,
+    GB, column_label, compact_bits, completed, front_table, hypervolume_curve, metric_columns, normalized, plot_front,
+    reference_point, uniform_baselines,
 )
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
@@ -74,7 +74,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
              baselines: Sequence[dict] = (), source: Optional[dict] = None) -> str:
     """The whole report as Markdown text; `baselines` are the rows of baselines.json, `source` the model's provenance."""
     rows = results.to_pylist()
-    tasks = [c for c in results.column_names if c.startswith("acc_")]
+    tasks = metric_columns(results.column_names)
     done = completed(results).to_pylist()
     early = [r for r in rows if r["status"] == "stopped_early"]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -211,7 +211,7 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
 
 def md_table(rows: Sequence[dict], tasks: list[str], labels: Optional[list[str]] = None) -> list[str]:
     """A Markdown table: [label], trial, bits per layer, accuracy, per-task accuracy, memory GB."""
-    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy", *[t[4:] for t in tasks], "memory GB"]
+    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy", *[column_label(t) for t in tasks], "memory GB"]
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for i, r in enumerate(rows):
         cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]), fmt(r["accuracy"]),

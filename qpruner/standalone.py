@@ -12,6 +12,7 @@ It must not import qpruner.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -61,8 +62,34 @@ def build_pruned_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_module():
+    """bitsandbytes' Linear8bitLt that runs LLM.int8 (MatMul8bitLt) in training and evaluation alike.
+
+    Stock Linear8bitLt takes, on CPU/XPU in train mode, a weight-only path (dequant(int8 W) @ x) and in
+    eval mode LLM.int8: x quantized row-wise to int8 except the input columns with an |x| above the
+    threshold, which multiply the dequantized weight in fp16. Its weights are frozen, so train mode means
+    nothing else for it: this subclass stays in eval mode, and LoRA training sees the model evaluation
+    scores (on CUDA bitsandbytes runs MatMul8bitLt in both modes anyway).
+    """
+    import logging
+
+    import bitsandbytes as bnb
+
+    # MatMul8bitLt logs "inputs will be cast to float16" at every forward of a float32 model: the cast is the
+    # documented LLM.int8 numerics (activations quantized from fp16), not news after the first layer.
+    logging.getLogger(bnb.autograd._functions.__name__).setLevel(logging.ERROR)
+
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+    return Int8Linear
+
+
 def quantize_linear(linear: nn.Linear, bits: int, settings: dict, device: str) -> nn.Module:
-    """The bitsandbytes module qpruner uses for a bit-width: NF4/FP4 Linear4bit, LLM.int8 Linear8bitLt, or as is."""
+    """The bitsandbytes module qpruner uses for a bit-width: NF4/FP4 Linear4bit, LLM.int8 Linear8bitLt
+    (outlier threshold settings['int8_threshold'], 0 = no outlier columns), or as is."""
     import bitsandbytes as bnb
 
     compute = getattr(torch, settings.get("compute_dtype", "float32"))
@@ -83,10 +110,11 @@ def quantize_linear(linear: nn.Linear, bits: int, settings: dict, device: str) -
         # numbers on every CPU and on CUDA, so trials and exported models score alike everywhere.
         new.support_avx512bf16_for_cpu = False
     elif bits == 8:
-        new = bnb.nn.Linear8bitLt(
+        new = _int8_module()(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            has_fp16_weights=False, threshold=0.0, device="meta",
+            has_fp16_weights=False, threshold=float(settings.get("int8_threshold", 6.0)), device="meta",
         )
+        new.eval()
         new.weight = bnb.nn.Int8Params(linear.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     else:
         raise ValueError(f"unsupported bit-width {bits}; qpruner uses 4, 8 or 16")

@@ -97,3 +97,22 @@ def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets
         assert str(err).startswith("eval.local_data.boolq: task 'boolq' cannot load") and "\n" not in str(err)
     else:  # boolq happens to be cached on this machine
         assert 0.0 <= result["tasks"]["boolq"]["acc"] <= 1.0
+
+
+def test_paper_metric_is_acc_norm_where_llm_pruner_reports_it():
+    from qpruner.evaluate import mean_acc
+
+    scores = {"hellaswag": {"acc": 0.40, "acc_norm": 0.50}, "arc_challenge": {"acc": 0.30, "acc_norm": 0.36},
+              "boolq": {"acc": 0.70, "acc_norm": None}, "winogrande": {"acc": 0.60, "acc_norm": 0.90}}
+    assert mean_acc(scores, "paper") == pytest.approx((0.50 + 0.36 + 0.70 + 0.60) / 4)
+    assert mean_acc(scores, "acc") == pytest.approx((0.40 + 0.30 + 0.70 + 0.60) / 4)
+    assert mean_acc(scores, "acc_norm") == pytest.approx((0.50 + 0.36 + 0.70 + 0.90) / 4)  # boolq has none: acc
+
+
+def test_eval_metric_is_validated():
+    from qpruner.config import config_from_dict
+    from qpruner.errors import ConfigError
+
+    assert config_from_dict({}).eval.metric == "paper"
+    with pytest.raises(ConfigError, match="eval.metric"):
+        config_from_dict({"eval": {"metric": "f1"}})

@@ -173,7 +173,8 @@ def test_results_table_schema_is_fixed():
     sparse = results_table([{"trial_id": "x", "status": "failed", "bits": [4], "error": "boom"}])  # fields missing
     assert sparse.schema.equals(FIXED) and sparse["memory_bytes"].null_count == 1
     full = results_table(sample_records())
-    assert full.column_names == [n for n, _ in EXPECTED_FIXED] + ["acc_arc_easy", "acc_piqa"]
+    assert full.column_names == [n for n, _ in EXPECTED_FIXED] + ["acc_arc_easy", "acc_piqa", "acc_norm_arc_easy",
+                                                                   "acc_norm_piqa"]
     assert full.schema.equals(results_table(list(reversed(sample_records()))).schema)
 
 
@@ -237,10 +238,11 @@ def test_write_results_keeps_finished_trials_a_restart_forgot(tmp_path):
     results, front = write_results([record(7, "completed", [8, 8], 0.9, 50)], tmp_path, baselines={}, plot=True)
     assert set(results["trial_id"].to_pylist()) == {f"t{i}" for i in range(8)}
     assert front["trial_id"].to_pylist() == ["t7"]
-    assert results.column_names[-2:] == ["acc_arc_easy", "acc_piqa"]
+    assert results.column_names[-4:] == ["acc_arc_easy", "acc_piqa", "acc_norm_arc_easy", "acc_norm_piqa"]
     newer = record(8, "completed", [4, 4], 0.3, 500, tasks={"boolq": 0.3})  # a task the old file lacks
     results, _ = write_results([newer], tmp_path, plot=False)
-    assert results.column_names == FIXED.names + ["acc_arc_easy", "acc_boolq", "acc_piqa"]
+    assert results.column_names == FIXED.names + ["acc_arc_easy", "acc_boolq", "acc_piqa", "acc_norm_arc_easy",
+                                                  "acc_norm_boolq", "acc_norm_piqa"]
     assert pq.read_table(tmp_path / "results.parquet").schema.equals(results.schema)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
 
@@ -314,3 +316,15 @@ def test_print_front_shows_every_front_row():
     text = console.export_text()
     assert "t0" in text and "t3" in text and "48" in text and "0.720" in text and "arc_easy" in text
     assert "t5" not in text
+
+
+def test_results_record_both_metrics_and_headers_name_them():
+    from qpruner.pareto import column_label, metric_columns
+
+    rec = record(0, "completed", [4, 4], 0.6, 100)
+    rec["task_acc"], rec["task_acc_norm"] = {"hellaswag": 0.4, "boolq": 0.7}, {"hellaswag": 0.5, "boolq": None}
+    t = results_table([rec])
+    r = t.to_pylist()[0]
+    assert (r["acc_hellaswag"], r["acc_norm_hellaswag"], r["acc_boolq"], r["acc_norm_boolq"]) == (0.4, 0.5, 0.7, None)
+    assert metric_columns(t.column_names) == ["acc_boolq", "acc_hellaswag", "acc_norm_boolq", "acc_norm_hellaswag"]
+    assert column_label("acc_norm_hellaswag") == "hellaswag (acc_norm)" and column_label("acc_boolq") == "boolq (acc)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_taylor_perplexity_beats_random(heldout_ppl):
 
 
 def test_second_order_matches_its_formula(cache):
-    """|w*g - 1/2 w^2 F| with g the mean gradient and F the sum of per-sample squared gradients."""
+    """|w*g - 1/2 w^2 F| with g the mean gradient and F the mean of per-sample squared gradients (LLM-Pruner)."""
     from qpruner.model import load_model
     from qpruner.prune.taylor import _padded, weight_scores
 
@@ -147,7 +148,7 @@ def test_second_order_matches_its_formula(cache):
     w.grad = None
     model(**_padded(batches)).loss.backward()  # first order: one padded micro-batch, mean over its tokens
     g_batch, w.grad = w.grad.clone(), None
-    g, fisher = sum(grads) / 2, sum(x * x for x in grads)
+    g, fisher = sum(grads) / 2, sum(x * x for x in grads) / 2
     expected = (w.detach() * g - 0.5 * w.detach() ** 2 * fisher).abs()
     scores = weight_scores(model, batches, "second", progress=False)
     torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-10)
@@ -276,3 +277,42 @@ def test_slimgpt_structure_and_perplexity_against_taylor(cache, heldout_ppl):
     print(f"held-out ppl at 30%, no fine-tuning: dense {dense:.3f}; heads+MLP: taylor {taylor:.3f}, slimgpt {slim:.3f}; "
           f"MLP only: taylor {taylor_mlp:.3f}, slimgpt {slim_mlp:.3f}")
     assert slim < taylor - 0.05 and slim_mlp < taylor_mlp * 1.01
+
+
+def _one_layer_scores():
+    """A 1-layer LLaMA (4 query heads in 2 GQA groups, head_dim 2, hidden 8, MLP 3) with constant
+    per-module scores: q 1, k 2, v 3, o 4, gate 1, up 2, down 5 per weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=3, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=2)
+    model = LlamaForCausalLM(config)
+    value = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "gate_proj": 1, "up_proj": 2, "down_proj": 5}
+    scores = {n: torch.full_like(p, float(value[n.split(".")[-2]])) for n, p in model.named_parameters()
+              if n.endswith("proj.weight")}
+    return model, scores
+
+
+@pytest.mark.parametrize("how, head, channel", [
+    # per group: q 4 rows x 8 = 32, k 2x8x2 = 32, v 2x8x3 = 48, o 8x4x4 = 128; per channel: gate 8, up 16, down 40
+    ("sum", 240.0, 64.0), ("mean", 60.0, 64.0 / 3), ("max", 128.0, 40.0), ("last", 128.0, 40.0),
+    ("prod", math.log(32 * 32 * 48 * 128), math.log(8 * 16 * 40)),
+])
+def test_aggregation_reduces_across_the_coupled_modules_per_channel_sums(how, head, channel):
+    from qpruner.prune.taylor import group_scores
+
+    model, scores = _one_layer_scores()
+    heads, channels = group_scores(model, scores, 0, how)
+    assert heads == pytest.approx([head, head], rel=1e-5)
+    torch.testing.assert_close(channels, torch.full((3,), channel), rtol=1e-5, atol=0)
+
+
+def test_layer_importance_counts_only_the_kept_weights():
+    from qpruner.prune.taylor import layer_totals
+
+    _, scores = _one_layer_scores()
+    assert layer_totals(scores, 1) == [64 + 64 + 96 + 256 + 24 + 48 + 120]
+    # group 0 (q rows 0-3, k/v rows 0-1, o columns 0-3) and MLP channel 1 removed: half of q/k/v/o,
+    # two thirds of gate/up/down remain
+    removed = {0: ([0], torch.tensor([1]), 2, 2)}
+    assert layer_totals(scores, 1, removed) == [32 + 32 + 48 + 128 + 16 + 32 + 80]

@@ -74,7 +74,7 @@ def test_report_sections_and_numbers(run_dir):
         assert f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['accuracy']:.3f} |" in text
     for row in ("uniform-16 LoRA", "uniform-8 LoftQ", "uniform-4 LoftQ", "best mixed"):
         assert f"| {row}" in text
-    assert "| arc_easy | hellaswag |" in text
+    assert "| arc_easy (acc) | hellaswag (acc) | arc_easy (acc_norm) | hellaswag (acc_norm) |" in text
     done = [r for r in recs if r["status"] == "completed"]
     base = next(r for r in done if set(r["bits"]) == {8})
     pick = max((r for r in done if len(set(r["bits"])) > 1 and r["memory_bytes"] <= base["memory_bytes"]),

@@ -25,7 +25,7 @@ from qpruner.errors import QPrunerError
 from qpruner.prune.structure import head_dim_of, layer_shape
 
 COMPLETE = "COMPLETE"
-ALGORITHM = 2  # bump when pruning results change for the same settings, so old cached folders are not reused
+ALGORITHM = 3  # bump when pruning results change for the same settings, so old cached folders are not reused
 META = "qpruner_prune.json"
 
 

@@ -1,13 +1,15 @@
 """LLM-Pruner's block-wise structured pruning: Taylor importance of coupled groups on calibration text.
 
 Per weight, first order |w * dL/dw|; second order adds LLM-Pruner's diagonal term,
-|w*g - 1/2 * w^2 * H_kk| with H_kk ~ sum over samples of g^2 (Fisher). A group's score aggregates its
-weights' scores (sum, mean, max or product); groups are ranked within each layer.
+|w*g - 1/2 * w^2 * H_kk| with H_kk ~ mean over samples of g^2 (Fisher, as LLM-Pruner's acc_grad / N).
+As in LLM-Pruner, each coupled module's salience is summed per group/channel, then reduced across the
+modules (sum, mean, max, prod or last); groups are ranked within each layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -97,8 +99,9 @@ def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, pro
     """Per-weight Taylor importance for every Linear weight in the decoder layers.
 
     `batches` are (1, L) token rows. g is the gradient of the mean LM loss (first order: micro-batches
-    of MICRO_BATCH rows); for `second` the Fisher diagonal sums each sample's squared gradient (one
-    backward per sample, as LLM-Pruner does) and g is the mean of those per-sample gradients.
+    of MICRO_BATCH rows); for `second` the Fisher diagonal is the mean over samples of each sample's
+    squared gradient (one backward per sample, as LLM-Pruner does: acc_grad / N) and g is the mean of
+    those per-sample gradients.
     """
     params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
     for p in model.parameters():
@@ -125,7 +128,7 @@ def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, pro
         w = p.detach().float()
         s = w * (g / len(steps))
         if second:
-            s = s - 0.5 * w * w * fisher[n]
+            s = s - 0.5 * w * w * (fisher[n] / len(steps))
         scores[n] = s.abs()
         p.grad = None
         p.requires_grad_(False)
@@ -142,14 +145,23 @@ def _padded(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _aggregate(values: torch.Tensor, how: str) -> float:
+def _reduce(per_module: list[torch.Tensor], how: str) -> torch.Tensor:
+    """LLM-Pruner's group reduction across the coupled modules' per-channel salience sums.
+
+    Each entry holds, per channel (group or MLP channel), the sum of the salience of that module's
+    weights in it; sum / mean / max / prod reduce across the modules (prod in log space, same ranking)
+    and `last` keeps the module the channel leaves through (o_proj, down_proj).
+    """
+    stacked = torch.stack(per_module)
     if how == "sum":
-        return float(values.sum())
+        return stacked.sum(0)
     if how == "mean":
-        return float(values.mean())
+        return stacked.mean(0)
     if how == "max":
-        return float(values.max())
-    return float(torch.log(values.clamp_min(1e-30)).sum())  # prod, in log space
+        return stacked.max(0).values
+    if how == "last":
+        return stacked[-1]
+    return torch.log(stacked.clamp_min(1e-30)).sum(0)  # prod
 
 
 def group_scores(model: nn.Module, scores: dict[str, torch.Tensor], layer: int, how: str) -> tuple[list[float], torch.Tensor]:
@@ -159,43 +171,65 @@ def group_scores(model: nn.Module, scores: dict[str, torch.Tensor], layer: int, 
     pre = f"model.layers.{layer}."
     q, k, v, o = (scores[pre + f"self_attn.{m}_proj.weight"] for m in "qkvo")
     per_group = shape.num_attention_heads // shape.num_key_value_heads
-    heads = []
-    for g in range(shape.num_key_value_heads):
-        q_rows, kv_rows = group_rows(g, per_group, head_dim)
-        heads.append(_aggregate(torch.cat([q[q_rows].flatten(), k[kv_rows].flatten(), v[kv_rows].flatten(), o[:, q_rows].flatten()]), how))
+    rows = [group_rows(g, per_group, head_dim) for g in range(shape.num_key_value_heads)]
+    per_module = [torch.stack([q[qr].sum() for qr, _ in rows]), torch.stack([k[kr].sum() for _, kr in rows]),
+                  torch.stack([v[kr].sum() for _, kr in rows]), torch.stack([o[:, qr].sum() for qr, _ in rows])]
+    heads = _reduce(per_module, how).tolist()
     gate, up, down = (scores[pre + f"mlp.{m}_proj.weight"] for m in ("gate", "up", "down"))
-    per_channel = torch.cat([gate, up, down.T], dim=1)
-    if how == "sum":
-        channels = per_channel.sum(1)
-    elif how == "mean":
-        channels = per_channel.mean(1)
-    elif how == "max":
-        channels = per_channel.max(1).values
-    else:
-        channels = torch.log(per_channel.clamp_min(1e-30)).sum(1)
+    channels = _reduce([gate.sum(1), up.sum(1), down.sum(0)], how)
     return heads, channels
 
 
-def layer_totals(scores: dict[str, torch.Tensor], n_layers: int) -> list[float]:
-    """Per-layer Taylor importance: the sum of its weights' scores (used by the search as one option)."""
+def layer_totals(scores: dict[str, torch.Tensor], n_layers: int, removed: Optional[dict] = None) -> list[float]:
+    """Per-layer Taylor importance: the sum of the scores of the weights pruning keeps (the search's option).
+
+    `removed` is apply_plan's {layer: (groups removed, MLP channels removed, query heads per group, head_dim)}.
+    """
     totals = [0.0] * n_layers
     for name, s in scores.items():
-        totals[int(name.split(".layers.")[1].split(".")[0])] += float(s.sum())
+        i = int(name.split(".layers.")[1].split(".")[0])
+        module = name.split(".")[-2]
+        keep = torch.ones_like(s, dtype=torch.bool)
+        groups, channels, per_group, head_dim = (removed or {}).get(i, ([], [], 1, 1))
+        for g in groups:
+            q_rows, kv_rows = group_rows(g, per_group, head_dim)
+            if module == "q_proj":
+                keep[q_rows] = False
+            elif module in ("k_proj", "v_proj"):
+                keep[kv_rows] = False
+            elif module == "o_proj":
+                keep[:, q_rows] = False
+        if module in ("gate_proj", "up_proj"):
+            keep[channels] = False
+        elif module == "down_proj":
+            keep[:, channels] = False
+        totals[i] += float(s[keep].sum())
     return totals
 
 
-def apply_plan(model: nn.Module, plan: Plan, head_rank, channel_rank) -> None:
-    """Remove the lowest-ranked groups/channels in each planned layer (rank functions give scores)."""
+def apply_plan(model: nn.Module, plan: Plan, head_rank, channel_rank) -> dict:
+    """Remove the lowest-ranked groups/channels in each planned layer (rank functions give scores).
+
+    Returns {layer: (groups removed, MLP channels removed, query heads per group, head_dim)}, in the
+    unpruned indexing, so importance totals can be taken on the kept weights.
+    """
     head_dim = head_dim_of(model)
+    removed = {}
     for i in plan.layers:
         layer = model.model.layers[i]
         shape = layer_shape(layer, head_dim)
+        groups: list[int] = []
+        channels = torch.zeros(0, dtype=torch.long)
         if plan.groups:
             order = sorted(range(shape.num_key_value_heads), key=lambda g: head_rank(i)[g])
+            groups = order[: plan.groups]
             keep_groups(layer, sorted(order[plan.groups:]), head_dim)
         if plan.channels:
-            keep = torch.argsort(channel_rank(i), descending=True)[: shape.intermediate_size - plan.channels]
-            keep_channels(layer, keep)
+            ranked = torch.argsort(channel_rank(i), descending=True)
+            channels = ranked[shape.intermediate_size - plan.channels :]
+            keep_channels(layer, ranked[: shape.intermediate_size - plan.channels])
+        removed[i] = (groups, channels, shape.num_attention_heads // shape.num_key_value_heads, head_dim)
+    return removed
 
 
 def prune_model(model: nn.Module, batches: list[torch.Tensor], pcfg: PruneConfig, progress: bool = True) -> dict:
@@ -212,7 +246,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], pcfg: PruneConfig
     else:
         scores = weight_scores(model, batches, pcfg.taylor_order, progress)
         ranked = {i: group_scores(model, scores, i, pcfg.aggregation) for i in plan.layers}
-        totals = layer_totals(scores, n_layers)
-        apply_plan(model, plan, lambda i: ranked[i][0], lambda i: ranked[i][1])
+        removed = apply_plan(model, plan, lambda i: ranked[i][0], lambda i: ranked[i][1])
+        totals = layer_totals(scores, n_layers, removed)
     return {"layers": plan.layers, "groups_removed": plan.groups, "channels_removed": plan.channels,
             "block_ratio": plan.block_ratio, "layer_importance": totals}
