@@ -186,12 +186,16 @@ class EvalConfig:
 
 @dataclass
 class AshaConfig:
-    """ASHA early stopping on the trial's quick validation accuracy (time unit: reports)."""
+    """ASHA early stopping on the trial's quick validation signal `val_acc` (time unit: reports).
+
+    Rungs lie only at reports made before the last training step: max_t defaults to the last such
+    report, and trials past the top rung are not stopped, so ASHA never stops a fully trained trial.
+    Stopped trials reach Optuna as PRUNED (no quick score enters the accuracy objective)."""
 
     enabled: bool = True
     grace_period: int = 1
     reduction_factor: int = 2
-    max_t: Optional[int] = None  # null = number of reports a full trial makes
+    max_t: Optional[int] = None  # null = the last report before the last training step (a cap otherwise)
 
     def validate(self, path: str) -> None:
         _positive(self.grace_period, f"{path}.grace_period")

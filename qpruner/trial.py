@@ -102,8 +102,7 @@ def run_trial(
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
-            report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb,
-                    "memory_bytes": memory.objective_bytes, "max_steps": cfg.finetune.steps, "final": False})
+            report({**metrics, **progress_memory(memory), "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
@@ -143,6 +142,16 @@ def run_trial(
         **timings,
         "final": True,
     }
+
+
+def progress_memory(memory) -> dict:
+    """The memory an intermediate report carries: the analytic fine-tuning peak, or the measured peak
+    if that is larger. Before training ends a CUDA measurement lacks activations and optimizer state,
+    so a stopped trial would look cheaper than it is; the measured training peak is only final."""
+    measured = memory.peak_measured_bytes or 0
+    used = max(memory.peak_estimate_bytes, measured)
+    source = "measured" if measured > memory.peak_estimate_bytes else "estimated"
+    return {"memory_gb": used / 1024**3, "memory_bytes": used, "memory_source": source}
 
 
 FAULT_ENV = "QPRUNER_INJECT_NAN_BITS"
