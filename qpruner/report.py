@@ -6,6 +6,7 @@ hypervolume.png and bits_heatmap.png next to it. Works on any results file, fini
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,7 +45,9 @@ def write_report(run_dir: str | Path) -> Path:
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines))
+    record = run / "searcher.json"  # written by qpruner.search.RecordedOptunaSearch
+    repeats = json.loads(record.read_text()).get("answered_from_record", 0) if record.is_file() else 0
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats))
     return run / "report.md"
 
 
@@ -53,8 +56,9 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
-             baselines: Sequence[dict] = ()) -> str:
-    """The whole report as Markdown text; `baselines` are the rows of baselines.json."""
+             baselines: Sequence[dict] = (), repeats: int = 0) -> str:
+    """The whole report as Markdown text; `baselines` are the rows of baselines.json, `repeats` the
+    searcher's proposals of already-recorded configurations (answered from the record, not trained)."""
     rows = results.to_pylist()
     tasks = [c for c in results.column_names if c.startswith("acc_")]
     done = completed(results).to_pylist()
@@ -66,6 +70,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += [f"- Trials: {len(rows)}: {len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
               + (f", {len(rows) - len(done) - len(early) - len(failed)} other (pending/running)"
                  if len(rows) > len(done) + len(early) + len(failed) else "") + "."]
+    lines += [f"- Repeat proposals answered from the record (not trained again): {repeats}."]
     lines += time_lines(rows)
     lines += early_stop_lines(rows, early)
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
