@@ -223,9 +223,15 @@ class SearchConfig:
     # Reference rows measured after the search for the report: "unpruned" (zero-shot) and "uniform-16" (LoRA).
     baselines: list[str] = field(default_factory=lambda: ["unpruned", "uniform-16"])
     asha: AshaConfig = field(default_factory=AshaConfig)
+    # What the memory objective measures: the fine-tuning peak (weights + LoRA + grads + AdamW +
+    # activations) or the quantized weights alone (the deployed model).
+    memory_objective: Literal["finetune_peak", "weights"] = "finetune_peak"
+    max_memory_gb: Optional[float] = None  # budget on the memory objective, through the sampler's constraints_func
 
     def validate(self, path: str) -> None:
         _positive(self.num_samples, f"{path}.num_samples")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ConfigError(f"{path}.max_memory_gb", f"must be null or > 0 GB, got {self.max_memory_gb}")
         _positive(self.concurrency, f"{path}.concurrency")
         if self.n_init < 0:
             raise ConfigError(f"{path}.n_init", f"must be >= 0, got {self.n_init}")

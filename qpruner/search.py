@@ -77,7 +77,7 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=True),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, cfg.search.concurrency * 2)),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # no constraint support: its draws ignore a budget
     }
     searcher = RecordedOptunaSearch(
         metric=OBJECTIVES,
@@ -88,6 +88,7 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         choices={**{f"b{i}": sorted(set(cfg.quant.bits)) for i in range(n_layers)},
                  **({f"r{i}": sorted(set(ranks)) for i in range(n_layers)} if ranks else {})},
         record_path=record_path,
+        max_memory_gb=cfg.search.max_memory_gb,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency)
 
@@ -104,12 +105,39 @@ def params_key(params: dict) -> tuple:
     return tuple(sorted((k, int(v)) for k, v in params.items()))
 
 
+BUDGET = "max_memory_gb"  # Optuna constraint name: memory_gb - search.max_memory_gb (<= 0 is feasible)
+
+
+def smallest_memory_gb(cfg: Config, pruned_config: dict) -> float:
+    """A lower bound of the memory objective over the whole space: the pruned decoder layers with every
+    layer at the lowest bit-width, from config.json shapes alone, before any trial (embeddings, LoRA,
+    optimizer state and activations come on top, so the true smallest value is higher)."""
+    from qpruner.memory import shapes_from_config, weight_bytes
+
+    shapes = shapes_from_config(pruned_config)
+    lowest = [min(cfg.quant.bits)] * len(shapes.layers)
+    return weight_bytes(shapes, lowest, cfg.quant)["total"] / 1024**3
+
+
+def check_memory_budget(cfg: Config, pruned_config: dict) -> None:
+    """Refuse, before trials, a `search.max_memory_gb` that no configuration can meet."""
+    budget = cfg.search.max_memory_gb
+    if budget is None:
+        return
+    floor = smallest_memory_gb(cfg, pruned_config)
+    if floor > budget:
+        raise ConfigError("search.max_memory_gb", f"{budget:g} GB is below what any configuration needs: the "
+                          f"all-{min(cfg.quant.bits)}-bit decoder layers alone take {floor:.4g} GB; raise it above that")
+
+
 FROM_RECORD = "answered_from_record"  # Optuna user attribute of a repeat proposal answered from the record
 
 
 class RecordedOptunaSearch(_optuna_search_class()):
     """OptunaSearch that tells Optuna one quantity per objective and never trains a configuration twice.
 
+    - With `search.max_memory_gb`, every finished trial carries the Optuna constraint
+      memory_gb - budget, so the constrained samplers (TPE, GP, NSGA-II) prefer feasible ones.
     - A trial whose last result is not the final evaluation (ASHA stopped it) is told PRUNED, not
       COMPLETE with its quick validation score as "accuracy".
     - A proposal equal to a recorded trial is told at once with that trial's outcome (COMPLETE values,
@@ -120,8 +148,9 @@ class RecordedOptunaSearch(_optuna_search_class()):
     """
 
     def __init__(self, *args, choices: Optional[dict] = None, record_path: Optional[str | Path] = None,
-                 redraws: int = 20, **kwargs):
+                 redraws: int = 20, max_memory_gb: Optional[float] = None, **kwargs):
         self._choices = choices or {}
+        self._max_memory_gb = max_memory_gb
         self._record_path = str(record_path) if record_path else None
         self._redraws = redraws
         self._rng = random.Random(kwargs.get("seed"))
@@ -146,6 +175,8 @@ class RecordedOptunaSearch(_optuna_search_class()):
             if earlier is None:
                 return params
             ot_trial.set_user_attr(FROM_RECORD, earlier.number)
+            for name, value in earlier.constraints.items():
+                ot_trial.set_constraint(name, value)
             if earlier.state == TrialState.COMPLETE:
                 self._ot_study.tell(ot_trial, list(earlier.values))
             elif earlier.state == TrialState.PRUNED:
@@ -157,6 +188,10 @@ class RecordedOptunaSearch(_optuna_search_class()):
         return None
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        if self._max_memory_gb and result and result.get("memory_gb") is not None and trial_id in self._ot_trials:
+            # Optuna 5's constraint support (constraints_func is deprecated): TPE, GP and NSGA-II read it;
+            # a stopped trial is judged by its last report's (analytic) memory
+            self._ot_trials[trial_id].set_constraint(BUDGET, float(result["memory_gb"]) - self._max_memory_gb)
         if result is not None and not error and not result.get("final"):
             result = None  # stopped early: PRUNED (Ray's OptunaSearch tells PRUNED for a missing result)
         super().on_trial_complete(trial_id, result=result, error=error)

@@ -102,7 +102,7 @@ def run_trial(
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
-            report({**metrics, **progress_memory(memory), "max_steps": cfg.finetune.steps, "final": False})
+            report({**metrics, **progress_memory(memory, cfg.search.memory_objective), "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
@@ -128,8 +128,8 @@ def run_trial(
         "train_loss": ft.losses[-1] if ft.losses else None,
         "steps": ft.steps,
         "max_steps": cfg.finetune.steps,
-        "memory_gb": memory.objective_gb,
-        "memory_bytes": memory.objective_bytes,
+        "memory_gb": memory.objective(cfg.search.memory_objective) / 1024**3,
+        "memory_bytes": memory.objective(cfg.search.memory_objective),
         "memory_source": memory.source,
         "weight_bytes": memory.weight_bytes,
         "lora_bytes": memory.lora_bytes,
@@ -144,10 +144,12 @@ def run_trial(
     }
 
 
-def progress_memory(memory) -> dict:
+def progress_memory(memory, objective: str = "finetune_peak") -> dict:
     """The memory an intermediate report carries: the analytic fine-tuning peak, or the measured peak
     if that is larger. Before training ends a CUDA measurement lacks activations and optimizer state,
     so a stopped trial would look cheaper than it is; the measured training peak is only final."""
+    if objective == "weights":  # exact before and after training
+        return {"memory_gb": memory.weight_bytes / 1024**3, "memory_bytes": memory.weight_bytes, "memory_source": "estimated"}
     measured = memory.peak_measured_bytes or 0
     used = max(memory.peak_estimate_bytes, measured)
     source = "measured" if measured > memory.peak_estimate_bytes else "estimated"

@@ -330,6 +330,9 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)
     n_layers = pruned_layer_count(pruned.path)
+    from qpruner.search import check_memory_budget
+
+    check_memory_budget(cfg, json.loads((Path(pruned.path) / "config.json").read_text()))  # before any trial
     marker = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**marker, "pruned_path": str(pruned.path)}))
     points: list = []

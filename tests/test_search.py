@@ -214,3 +214,29 @@ def test_initial_ranks_give_important_layers_more_adapter_capacity():
     mean = [sum(d[i] for d in draws) / 50 for i in range(6)]
     assert mean[5] > mean[0] + 4 and mean[4] > mean[1]
     assert initial_ranks([1.0] * 4, [8], 3, 1.0, 0) == [[8] * 4] * 3
+
+
+def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(tiny_assets):
+    """max_memory_gb reaches Optuna as a constraint (completed trials by their memory objective,
+    stopped ones by their last report); a budget below the all-lowest-bit layers is refused up front."""
+    from qpruner.errors import ConfigError
+    from qpruner.prune import prune_cached
+    from qpruner.search import BUDGET, check_memory_budget, smallest_memory_gb
+
+    cfg = config_from_dict({"search": {"sampler": "tpe", "max_memory_gb": 0.5, "concurrency": 4}})
+    searcher = make_searcher(cfg, 2, [config_from_bits([8, 8]), config_from_bits([4, 4])])
+    assert searcher.set_search_properties(None, None, param_space(2, [4, 8]))
+    assert searcher.suggest("big") and searcher.suggest("small")
+    searcher.on_trial_complete("big", {"accuracy": 0.9, "memory_gb": 0.7, "final": True})
+    searcher.on_trial_complete("small", {"val_acc": 0.3, "memory_gb": 0.25, "final": False})  # ASHA-stopped
+    trials = {tuple(bits_from_config(t.params, 2)): t for t in searcher.searcher._ot_study.trials}
+    assert trials[(8, 8)].constraints == {BUDGET: pytest.approx(0.2)}
+    assert trials[(4, 4)].constraints == {BUDGET: pytest.approx(-0.25)}
+
+    cfg = config_from_dict({"prune": {"ratio": 0.3}})
+    pruned = json.loads((prune_cached(cfg, progress=False).path / "config.json").read_text())
+    floor = smallest_memory_gb(cfg, pruned)
+    assert floor > 0
+    check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor * 1.01}}), pruned)
+    with pytest.raises(ConfigError, match=r"search.max_memory_gb.*raise it above"):
+        check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor / 2}}), pruned)

@@ -216,3 +216,19 @@ def test_intermediate_reports_carry_the_analytic_peak_not_a_pre_training_measure
     assert progress_memory(later)["memory_bytes"] == 400
     cpu = MemoryReport(100, 10, 250, None, "estimated")
     assert progress_memory(cpu)["memory_bytes"] == 250
+
+
+def test_memory_objective_weights_and_a_nonpositive_budget():
+    """search.memory_objective: weights makes memory the quantized weights alone, in every report;
+    max_memory_gb must be positive (one ConfigError naming the field)."""
+    from qpruner.config import config_from_dict
+    from qpruner.errors import ConfigError
+    from qpruner.memory import MemoryReport
+    from qpruner.trial import progress_memory
+
+    memory = MemoryReport(100, 10, 250, 400, "measured")
+    assert memory.objective("weights") == 100 and memory.objective() == 400
+    assert progress_memory(memory, "weights")["memory_bytes"] == 100
+    assert config_from_dict({"search": {"memory_objective": "weights"}}).search.memory_objective == "weights"
+    with pytest.raises(ConfigError, match="search.max_memory_gb"):
+        config_from_dict({"search": {"max_memory_gb": 0}})
