@@ -61,9 +61,9 @@ def run_trial(
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
-    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc,
-    and the objectives (`accuracy` = quick validation accuracy until the final evaluation, `memory_gb`),
-    so that ASHA can stop the trial and the searcher still learns from it.
+    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc
+    (ASHA's signal), `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
+    peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
     """
     from peft import get_peft_model
 
@@ -102,7 +102,8 @@ def run_trial(
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
-            report({**metrics, **progress_memory(memory, cfg.search.memory_objective), "max_steps": cfg.finetune.steps, "final": False})
+            # accuracy is the final test accuracy only: None until then (Tune requires the key in every report)
+            report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective), "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
