@@ -125,9 +125,12 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
         points = []
     scheduler = None
     if asha:
-        reports = len(next(iter(table["rows"].values()))["curve"]) + 1
+        from qpruner.tune import asha_max_t
+
+        # as the search runs it: no rung at or after the last training step, survivors run to the end
         scheduler = tune.schedulers.ASHAScheduler(metric="val_acc", mode="max", time_attr="training_iteration",
-                                                  max_t=reports, grace_period=1, reduction_factor=2)
+                                                  max_t=asha_max_t(cfg), grace_period=1, reduction_factor=2,
+                                                  stop_last_trials=False)
     tuner = tune.Tuner(
         tune.with_parameters(replay, table=table),
         param_space=param_space(n, cfg.quant.bits),

@@ -243,12 +243,16 @@ class EvalConfig:
 
 @dataclass
 class AshaConfig:
-    """ASHA early stopping on the trial's quick validation accuracy (time unit: reports)."""
+    """ASHA early stopping on the trial's quick validation signal `val_acc` (time unit: reports).
+
+    Rungs lie only at reports made before the last training step: max_t defaults to the last such
+    report, and trials past the top rung are not stopped, so ASHA never stops a fully trained trial.
+    Stopped trials reach Optuna as PRUNED (no quick score enters the accuracy objective)."""
 
     enabled: bool = True
     grace_period: int = 1
     reduction_factor: int = 2
-    max_t: Optional[int] = None  # null = number of reports a full trial makes
+    max_t: Optional[int] = None  # null = the last report before the last training step (a cap otherwise)
 
     def validate(self, path: str) -> None:
         _positive(self.grace_period, f"{path}.grace_period")
@@ -277,9 +281,15 @@ class SearchConfig:
     # "apt" (the source model APT-pruned to matching sparsity, no retraining; see qpruner/baselines.py).
     baselines: list[str] = field(default_factory=lambda: ["unpruned", "uniform-16"])
     asha: AshaConfig = field(default_factory=AshaConfig)
+    # What the memory objective measures: the fine-tuning peak (weights + LoRA + grads + AdamW +
+    # activations) or the quantized weights alone (the deployed model).
+    memory_objective: Literal["finetune_peak", "weights"] = "finetune_peak"
+    max_memory_gb: Optional[float] = None  # budget on the memory objective, through the sampler's constraints_func
 
     def validate(self, path: str) -> None:
         _positive(self.num_samples, f"{path}.num_samples")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ConfigError(f"{path}.max_memory_gb", f"must be null or > 0 GB, got {self.max_memory_gb}")
         _positive(self.concurrency, f"{path}.concurrency")
         if self.n_init < 0:
             raise ConfigError(f"{path}.n_init", f"must be >= 0, got {self.n_init}")

@@ -51,6 +51,11 @@ class MemoryReport:
     def objective_gb(self) -> float:
         return self.objective_bytes / 1024**3
 
+    def objective(self, kind: str = "finetune_peak") -> int:
+        """Bytes of the configured memory objective (`search.memory_objective`): the fine-tuning peak
+        (measured where there is a measurement) or the quantized weights alone."""
+        return self.weight_bytes if kind == "weights" else self.objective_bytes
+
 
 def linear_bytes(out_features: int, in_features: int, bits: int, qcfg: QuantConfig) -> int:
     """Bytes bitsandbytes holds for one Linear weight (bias excluded), quantization constants included.

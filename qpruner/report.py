@@ -7,7 +7,6 @@ hypervolume.png and bits_heatmap.png next to it. Works on any results file, fini
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,7 +45,9 @@ def write_report(run_dir: str | Path) -> Path:
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, model_source(run)))
+    record = run / "searcher.json"  # written by qpruner.search.RecordedOptunaSearch
+    repeats = json.loads(record.read_text()).get("answered_from_record", 0) if record.is_file() else 0
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, model_source(run)))
     return run / "report.md"
 
 
@@ -71,8 +72,10 @@ def source_lines(source: Optional[dict]) -> list[str]:
 
 
 def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
-             baselines: Sequence[dict] = (), source: Optional[dict] = None) -> str:
-    """The whole report as Markdown text; `baselines` are the rows of baselines.json, `source` the model's provenance."""
+             baselines: Sequence[dict] = (), repeats: int = 0, source: Optional[dict] = None) -> str:
+    """The whole report as Markdown text; `baselines` are the rows of baselines.json, `repeats` the
+    searcher's proposals of already-recorded configurations (answered from the record, not trained),
+    `source` the model's provenance."""
     rows = results.to_pylist()
     tasks = metric_columns(results.column_names)
     done = completed(results).to_pylist()
@@ -85,6 +88,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
               + (f", {len(rows) - len(done) - len(early) - len(failed)} other (pending/running)"
                  if len(rows) > len(done) + len(early) + len(failed) else "") + "."]
     lines += source_lines(source)
+    lines += [f"- Repeat proposals answered from the record (not trained again): {repeats}."]
     lines += time_lines(rows)
     lines += early_stop_lines(rows, early)
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "

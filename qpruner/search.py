@@ -54,38 +54,173 @@ def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None)
     return config
 
 
-def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict]):
+def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], record_path: Optional[str | Path] = None):
     """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
 
     The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
-    study single-objective. What Optuna hears (ray 2.60 OptunaSearch): nothing per report (multi-
-    objective drops intermediate values); a trial stopped by ASHA is told COMPLETE with its LAST
-    report's accuracy/memory_gb (the trainable reports accuracy = quick val_acc on the way); a crashed
-    trial is told FAIL. First points without rank keys get `lora.rank` (or the middle rank) per layer.
+    study single-objective. What Optuna hears (RecordedOptunaSearch below): a completed trial's final
+    test accuracy and memory; a trial stopped by ASHA is PRUNED (its quick validation signal is not the
+    test accuracy, so it never enters the objective); a crashed trial is FAIL. Repeat proposals are
+    answered from the study's record instead of being trained again; TPE runs with constant_liar so
+    pending trials steer it away. First points without rank keys get `lora.rank` (or the middle rank).
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     seed = cfg.search.seed
     ranks = cfg.search.ranks
     if ranks:  # first points carry bits only; Tune rejects a point without every searched key
         rank = cfg.lora.rank if cfg.lora.rank in ranks else sorted(ranks)[len(ranks) // 2]
         points_to_evaluate = [{**{f"r{i}": rank for i in range(n_layers)}, **point} for point in points_to_evaluate]
+    startup = max(2, len(points_to_evaluate))
     samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(2, len(points_to_evaluate))),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(2, len(points_to_evaluate))),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=True),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, cfg.search.concurrency * 2)),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # no constraint support: its draws ignore a budget
     }
-    searcher = OptunaSearch(
+    searcher = RecordedOptunaSearch(
         metric=OBJECTIVES,
         mode=MODES,
         sampler=samplers[cfg.search.sampler](),
         points_to_evaluate=points_to_evaluate or None,
         seed=seed,
+        choices={**{f"b{i}": sorted(set(cfg.quant.bits)) for i in range(n_layers)},
+                 **({f"r{i}": sorted(set(ranks)) for i in range(n_layers)} if ranks else {})},
+        record_path=record_path,
+        max_memory_gb=cfg.search.max_memory_gb,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency)
+
+
+def _optuna_search_class():
+    """Ray's OptunaSearch, imported lazily (Ray is heavy and optional for the pure helpers here)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch
+
+
+def params_key(params: dict) -> tuple:
+    """A hashable identity of one configuration (its bits and ranks)."""
+    return tuple(sorted((k, int(v)) for k, v in params.items()))
+
+
+BUDGET = "max_memory_gb"  # Optuna constraint name: memory_gb - search.max_memory_gb (<= 0 is feasible)
+
+
+def smallest_memory_gb(cfg: Config, pruned_config: dict) -> float:
+    """A lower bound of the memory objective over the whole space: the pruned decoder layers with every
+    layer at the lowest bit-width, from config.json shapes alone, before any trial (embeddings, LoRA,
+    optimizer state and activations come on top, so the true smallest value is higher)."""
+    from qpruner.memory import shapes_from_config, weight_bytes
+
+    shapes = shapes_from_config(pruned_config)
+    lowest = [min(cfg.quant.bits)] * len(shapes.layers)
+    return weight_bytes(shapes, lowest, cfg.quant)["total"] / 1024**3
+
+
+def check_memory_budget(cfg: Config, pruned_config: dict) -> None:
+    """Refuse, before trials, a `search.max_memory_gb` that no configuration can meet."""
+    budget = cfg.search.max_memory_gb
+    if budget is None:
+        return
+    floor = smallest_memory_gb(cfg, pruned_config)
+    if floor > budget:
+        raise ConfigError("search.max_memory_gb", f"{budget:g} GB is below what any configuration needs: the "
+                          f"all-{min(cfg.quant.bits)}-bit decoder layers alone take {floor:.4g} GB; raise it above that")
+
+
+FROM_RECORD = "answered_from_record"  # Optuna user attribute of a repeat proposal answered from the record
+
+
+class RecordedOptunaSearch(_optuna_search_class()):
+    """OptunaSearch that tells Optuna one quantity per objective and never trains a configuration twice.
+
+    - With `search.max_memory_gb`, every finished trial carries the Optuna constraint
+      memory_gb - budget, so the constrained samplers (TPE, GP, NSGA-II) prefer feasible ones.
+    - A trial whose last result is not the final evaluation (ASHA stopped it) is told PRUNED, not
+      COMPLETE with its quick validation score as "accuracy".
+    - A proposal equal to a recorded trial is told at once with that trial's outcome (COMPLETE values,
+      PRUNED or FAIL) and marked `answered_from_record`; one equal to a running trial is told FAIL (so
+      the sampler does not learn from it). Then Optuna is asked again; after `redraws` repeats a seeded
+      random configuration not yet seen is enqueued. The state lives in the Optuna study, which Tune
+      checkpoints, so a resumed run knows every earlier trial too.
+    """
+
+    def __init__(self, *args, choices: Optional[dict] = None, record_path: Optional[str | Path] = None,
+                 redraws: int = 20, max_memory_gb: Optional[float] = None, **kwargs):
+        self._choices = choices or {}
+        self._max_memory_gb = max_memory_gb
+        self._record_path = str(record_path) if record_path else None
+        self._redraws = redraws
+        self._rng = random.Random(kwargs.get("seed"))
+        super().__init__(*args, **kwargs)
+
+    def suggest(self, trial_id: str):
+        from optuna.trial import TrialState
+
+        for attempt in range(self._redraws + 1):
+            if attempt == self._redraws:
+                fresh = self._unseen_config()
+                if fresh is None:
+                    from ray.tune.search import Searcher
+
+                    return Searcher.FINISHED  # every configuration has been tried: nothing left to train
+                self._ot_study.enqueue_trial(fresh)
+            params = super().suggest(trial_id)
+            if params is None:
+                return None
+            ot_trial = self._ot_trials[trial_id]
+            earlier = self._recorded(params, exclude=ot_trial.number)
+            if earlier is None:
+                return params
+            ot_trial.set_user_attr(FROM_RECORD, earlier.number)
+            for name, value in earlier.constraints.items():
+                ot_trial.set_constraint(name, value)
+            if earlier.state == TrialState.COMPLETE:
+                self._ot_study.tell(ot_trial, list(earlier.values))
+            elif earlier.state == TrialState.PRUNED:
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            else:  # running or failed: nothing to learn from a copy
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            del self._ot_trials[trial_id]
+            self._write_record()
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        if self._max_memory_gb and result and result.get("memory_gb") is not None and trial_id in self._ot_trials:
+            # Optuna 5's constraint support (constraints_func is deprecated): TPE, GP and NSGA-II read it;
+            # a stopped trial is judged by its last report's (analytic) memory
+            self._ot_trials[trial_id].set_constraint(BUDGET, float(result["memory_gb"]) - self._max_memory_gb)
+        if result is not None and not error and not result.get("final"):
+            result = None  # stopped early: PRUNED (Ray's OptunaSearch tells PRUNED for a missing result)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def answered_from_record(self) -> int:
+        """How many proposals were answered from the record instead of being trained."""
+        return sum(FROM_RECORD in t.user_attrs for t in self._ot_study.get_trials(deepcopy=False))
+
+    def _recorded(self, params: dict, exclude: int):
+        """The first earlier study trial (not itself a repeat) with these parameters, or None."""
+        key = params_key(params)
+        for t in self._ot_study.get_trials(deepcopy=False):
+            if t.number != exclude and FROM_RECORD not in t.user_attrs and t.params and params_key(t.params) == key:
+                return t
+        return None
+
+    def _unseen_config(self) -> Optional[dict]:
+        """A seeded random configuration that no study trial holds (None if the space is exhausted)."""
+        seen = {params_key(t.params) for t in self._ot_study.get_trials(deepcopy=False) if t.params}
+        names = sorted(self._choices)
+        for _ in range(1000):
+            config = {k: self._rng.choice(self._choices[k]) for k in names}
+            if params_key(config) not in seen:
+                return config
+        return None
+
+    def _write_record(self) -> None:
+        if self._record_path:
+            Path(self._record_path).write_text(json.dumps({"answered_from_record": self.answered_from_record()}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,9 +57,9 @@ def run_trial(
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
-    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc,
-    and the objectives (`accuracy` = quick validation accuracy until the final evaluation, `memory_gb`),
-    so that ASHA can stop the trial and the searcher still learns from it.
+    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc
+    (ASHA's signal), `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
+    peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
     """
     from peft import get_peft_model
 
@@ -98,8 +98,8 @@ def run_trial(
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
-            report({**metrics, "accuracy": metrics.get("val_acc"), "memory_gb": memory.objective_gb,
-                    "memory_bytes": memory.objective_bytes, "max_steps": cfg.finetune.steps, "final": False})
+            # accuracy is the final test accuracy only: None until then (Tune requires the key in every report)
+            report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective), "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
@@ -125,8 +125,8 @@ def run_trial(
         "train_loss": ft.losses[-1] if ft.losses else None,
         "steps": ft.steps,
         "max_steps": cfg.finetune.steps,
-        "memory_gb": memory.objective_gb,
-        "memory_bytes": memory.objective_bytes,
+        "memory_gb": memory.objective(cfg.search.memory_objective) / 1024**3,
+        "memory_bytes": memory.objective(cfg.search.memory_objective),
         "memory_source": memory.source,
         "weight_storage": weight_storage(pruned_path),
         "weight_bytes": memory.weight_bytes,
@@ -140,6 +140,18 @@ def run_trial(
         **timings,
         "final": True,
     }
+
+
+def progress_memory(memory, objective: str = "finetune_peak") -> dict:
+    """The memory an intermediate report carries: the analytic fine-tuning peak, or the measured peak
+    if that is larger. Before training ends a CUDA measurement lacks activations and optimizer state,
+    so a stopped trial would look cheaper than it is; the measured training peak is only final."""
+    if objective == "weights":  # exact before and after training
+        return {"memory_gb": memory.weight_bytes / 1024**3, "memory_bytes": memory.weight_bytes, "memory_source": "estimated"}
+    measured = memory.peak_measured_bytes or 0
+    used = max(memory.peak_estimate_bytes, measured)
+    source = "measured" if measured > memory.peak_estimate_bytes else "estimated"
+    return {"memory_gb": used / 1024**3, "memory_bytes": used, "memory_source": source}
 
 
 FAULT_ENV = "QPRUNER_INJECT_NAN_BITS"

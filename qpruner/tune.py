@@ -22,6 +22,7 @@ from qpruner.config import Config, config_from_dict, load_config
 from qpruner.errors import QPrunerError, ray_get
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
+SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +234,15 @@ def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict)
     return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance
 
 
+def asha_max_t(cfg: Config) -> int:
+    """ASHA's max_t in reports: the last intermediate report made BEFORE the last training step, so no
+    rung sits where all training is done and stopping would only skip the evaluation (`asha.max_t`
+    caps it further). Reports come every `report_every` steps; the final evaluation is one more."""
+    steps, every = cfg.finetune.steps, cfg.finetune.report_every
+    before_end = (steps - 1) // every  # reports at steps every, 2*every, ... < steps
+    return min(before_end, cfg.search.asha.max_t) if cfg.search.asha.max_t else before_end
+
+
 def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict, points: list, restore: bool):
     """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
     from ray import tune
@@ -246,17 +256,18 @@ def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resourc
     if restore:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, restart_errored=False)
     scheduler = None
-    if cfg.search.asha.enabled:
-        reports = cfg.finetune.steps // cfg.finetune.report_every + 1
+    max_t = asha_max_t(cfg)
+    if cfg.search.asha.enabled and max_t >= cfg.search.asha.grace_period:
         scheduler = tune.schedulers.ASHAScheduler(
             metric="val_acc",
             mode="max",
             time_attr="training_iteration",
-            max_t=cfg.search.asha.max_t or reports,
+            max_t=max_t,
             grace_period=cfg.search.asha.grace_period,
             reduction_factor=cfg.search.asha.reduction_factor,
+            stop_last_trials=False,  # a trial past the top rung finishes its training and evaluation
         )
-    searcher = make_searcher(cfg, n_layers, points)
+    searcher = make_searcher(cfg, n_layers, points, record_path=out / SEARCHER_RECORD)
     return tune.Tuner(
         trainable,
         param_space=param_space(n_layers, cfg.quant.bits, cfg.search.ranks),
@@ -320,6 +331,9 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)
     n_layers = pruned_layer_count(pruned.path)
+    from qpruner.search import check_memory_budget
+
+    check_memory_budget(cfg, json.loads((Path(pruned.path) / "config.json").read_text()))  # before any trial
     marker = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**marker, "pruned_path": str(pruned.path)}))
     points: list = []

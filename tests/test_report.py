@@ -123,3 +123,10 @@ def test_cli_module(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qpruner.report", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+
+
+def test_report_counts_repeat_proposals_answered_from_the_record(tmp_path):
+    write_results(synthetic_records(), tmp_path)
+    (tmp_path / "searcher.json").write_text('{"answered_from_record": 3}')
+    write_report(tmp_path)
+    assert "- Repeat proposals answered from the record (not trained again): 3." in (tmp_path / "report.md").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_multi_objective_search_runs_first_points_first(ray_local, tmp_path, sam
 
     def toy_trainable(config):  # local, so Ray pickles it by value; accuracy from layers 0-1, memory = bit sum
         bits = bits_from_config(config, 4)
-        tune.report({"accuracy": 0.5 + 0.1 * (bits[0] + bits[1]) / 8, "memory_gb": sum(bits) / 100})
+        tune.report({"accuracy": 0.5 + 0.1 * (bits[0] + bits[1]) / 8, "memory_gb": sum(bits) / 100, "final": True})
 
     cfg = config_from_dict({"search": {"sampler": sampler, "concurrency": 1, "num_samples": 6}})
     first = [config_from_bits([8, 8, 4, 4]), config_from_bits([4, 4, 4, 4])]
@@ -106,7 +108,8 @@ def test_multi_objective_search_runs_first_points_first(ray_local, tmp_path, sam
 
 
 def test_searcher_tells_optuna_about_stopped_and_failed_trials(ray_local, tmp_path):
-    """ASHA-stopped trials reach Optuna as COMPLETE with their last report; a crash reaches it as FAIL."""
+    """ASHA-stopped trials reach Optuna as PRUNED (their quick validation is not the accuracy objective);
+    completed ones as COMPLETE with their final values; a crash as FAIL."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -117,7 +120,7 @@ def test_searcher_tells_optuna_about_stopped_and_failed_trials(ray_local, tmp_pa
             raise RuntimeError("boom")
         for step in range(4):
             acc = 0.1 * sum(bits) / 4 + 0.01 * step
-            tune.report({"val_acc": acc, "accuracy": acc, "memory_gb": sum(bits) / 100})
+            tune.report({"val_acc": acc, "accuracy": acc, "memory_gb": sum(bits) / 100, "final": step == 3})
 
     cfg = config_from_dict({"search": {"sampler": "tpe", "concurrency": 1, "seed": 1}})
     first = [config_from_bits(b) for b in ([8, 8, 8], [4, 4, 4], [4, 4, 8], [4, 8, 8], [8, 4, 4], [8, 8, 4])]
@@ -134,11 +137,41 @@ def test_searcher_tells_optuna_about_stopped_and_failed_trials(ray_local, tmp_pa
     assert trials[(4, 4, 4)].state == optuna.trial.TrialState.FAIL
     stopped = [r for r in grid if r.error is None and r.metrics["training_iteration"] < 4]
     assert stopped, "ASHA stopped nothing"
-    for r in stopped:  # told with the last reported values, not the final ones
+    for r in stopped:  # one quantity per objective: no quick-validation score enters "accuracy"
+        t = trials[tuple(bits_from_config(r.config, 3))]
+        assert t.state == optuna.trial.TrialState.PRUNED and t.values is None
+    finished = [r for r in grid if r.error is None and r.metrics["training_iteration"] == 4]
+    assert finished
+    for r in finished:
         t = trials[tuple(bits_from_config(r.config, 3))]
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert t.values == [r.metrics["accuracy"], r.metrics["memory_gb"]]
-        assert t.intermediate_values == {}  # multi-objective: OptunaSearch drops intermediate reports
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_no_configuration_is_trained_twice(ray_local, tmp_path, sampler):
+    """A 2-layer, 2-bit space has 4 configurations: 6 asked samples train each at most once, repeat
+    proposals are answered from the record (counted), and the search ends when the space is exhausted."""
+    from ray import tune
+
+    def toy_trainable(config):
+        bits = bits_from_config(config, 2)
+        tune.report({"accuracy": bits[0] / 8, "memory_gb": sum(bits) / 100, "final": True})
+
+    cfg = config_from_dict({"search": {"sampler": sampler, "concurrency": 2, "seed": 0}})
+    record = tmp_path / "searcher.json"
+    searcher = make_searcher(cfg, 2, [config_from_bits([4, 4]), config_from_bits([4, 4])], record_path=record)
+    grid = tune.Tuner(
+        toy_trainable,
+        param_space=param_space(2, [4, 8]),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=6),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="dup", verbose=0),
+    ).fit()
+    trained = [tuple(bits_from_config(r.config, 2)) for r in grid]
+    assert len(trained) == len(set(trained)) == 4
+    repeats = searcher.searcher.answered_from_record()
+    assert repeats >= 1  # at least the enqueued second [4, 4]
+    assert json.loads(record.read_text())["answered_from_record"] == repeats
 
 
 def test_rank_search_accepts_bit_only_first_points(ray_local, tmp_path):
@@ -181,3 +214,29 @@ def test_initial_ranks_give_important_layers_more_adapter_capacity():
     mean = [sum(d[i] for d in draws) / 50 for i in range(6)]
     assert mean[5] > mean[0] + 4 and mean[4] > mean[1]
     assert initial_ranks([1.0] * 4, [8], 3, 1.0, 0) == [[8] * 4] * 3
+
+
+def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(tiny_assets):
+    """max_memory_gb reaches Optuna as a constraint (completed trials by their memory objective,
+    stopped ones by their last report); a budget below the all-lowest-bit layers is refused up front."""
+    from qpruner.errors import ConfigError
+    from qpruner.prune import prune_cached
+    from qpruner.search import BUDGET, check_memory_budget, smallest_memory_gb
+
+    cfg = config_from_dict({"search": {"sampler": "tpe", "max_memory_gb": 0.5, "concurrency": 4}})
+    searcher = make_searcher(cfg, 2, [config_from_bits([8, 8]), config_from_bits([4, 4])])
+    assert searcher.set_search_properties(None, None, param_space(2, [4, 8]))
+    assert searcher.suggest("big") and searcher.suggest("small")
+    searcher.on_trial_complete("big", {"accuracy": 0.9, "memory_gb": 0.7, "final": True})
+    searcher.on_trial_complete("small", {"val_acc": 0.3, "memory_gb": 0.25, "final": False})  # ASHA-stopped
+    trials = {tuple(bits_from_config(t.params, 2)): t for t in searcher.searcher._ot_study.trials}
+    assert trials[(8, 8)].constraints == {BUDGET: pytest.approx(0.2)}
+    assert trials[(4, 4)].constraints == {BUDGET: pytest.approx(-0.25)}
+
+    cfg = config_from_dict({"prune": {"ratio": 0.3}})
+    pruned = json.loads((prune_cached(cfg, progress=False).path / "config.json").read_text())
+    floor = smallest_memory_gb(cfg, pruned)
+    assert floor > 0
+    check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor * 1.01}}), pruned)
+    with pytest.raises(ConfigError, match=r"search.max_memory_gb.*raise it above"):
+        check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor / 2}}), pruned)

@@ -184,3 +184,51 @@ def test_slimgpt_and_per_layer_ranks_end_to_end(tmp_path, tiny_assets):
             layer = int(key.split(".layers.")[1].split(".")[0])
             assert tensor.shape[0] == row["ranks"][layer], key
     assert json.loads((target / "quantization.json").read_text())["ranks"] == row["ranks"]
+
+
+@pytest.mark.parametrize("steps,every,cap,expected", [(40, 10, None, 3), (45, 10, None, 4), (40, 10, 2, 2), (10, 10, None, 0)])
+def test_asha_rungs_never_sit_at_the_last_step(steps, every, cap, expected):
+    """tiny.yaml (40 steps, a report every 10): ASHA's top is report 3 (step 30), not 4 (step 40, all
+    training done) or 5 (the final evaluation); its rungs are then 1 and 2."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from qpruner.config import config_from_dict
+    from qpruner.tune import asha_max_t
+
+    cfg = config_from_dict({"finetune": {"steps": steps, "report_every": every}, "search": {"asha": {"max_t": cap}}})
+    max_t = asha_max_t(cfg)
+    assert max_t == expected
+    if max_t:
+        rungs = [m for m, _ in _Bracket(1, max_t, 2, 0)._rungs]
+        assert max(rungs) * every < steps
+
+
+def test_intermediate_reports_carry_the_analytic_peak_not_a_pre_training_measurement():
+    """A CUDA measurement taken before training (no activations, no optimizer state) is below the
+    analytic fine-tuning peak; the intermediate report carries the larger, never the smaller."""
+    from qpruner.memory import MemoryReport
+    from qpruner.trial import progress_memory
+
+    before_training = MemoryReport(weight_bytes=100, lora_bytes=10, peak_estimate_bytes=250,
+                                   peak_measured_bytes=120, source="measured")
+    assert progress_memory(before_training) == {"memory_gb": 250 / 1024**3, "memory_bytes": 250, "memory_source": "estimated"}
+    later = MemoryReport(100, 10, 250, 400, "measured")
+    assert progress_memory(later)["memory_bytes"] == 400
+    cpu = MemoryReport(100, 10, 250, None, "estimated")
+    assert progress_memory(cpu)["memory_bytes"] == 250
+
+
+def test_memory_objective_weights_and_a_nonpositive_budget():
+    """search.memory_objective: weights makes memory the quantized weights alone, in every report;
+    max_memory_gb must be positive (one ConfigError naming the field)."""
+    from qpruner.config import config_from_dict
+    from qpruner.errors import ConfigError
+    from qpruner.memory import MemoryReport
+    from qpruner.trial import progress_memory
+
+    memory = MemoryReport(100, 10, 250, 400, "measured")
+    assert memory.objective("weights") == 100 and memory.objective() == 400
+    assert progress_memory(memory, "weights")["memory_bytes"] == 100
+    assert config_from_dict({"search": {"memory_objective": "weights"}}).search.memory_objective == "weights"
+    with pytest.raises(ConfigError, match="search.max_memory_gb"):
+        config_from_dict({"search": {"max_memory_gb": 0}})
