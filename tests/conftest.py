@@ -20,6 +20,15 @@ def tiny_assets():
     return ensure_tiny(progress=False)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_assets):
+    """A fresh qpruner cache per test module that reuses the built tiny model (pruned models and LoftQ
+    factors start empty; the tiny model, its data and tasks are shared)."""
+    root = tmp_path_factory.mktemp("cache")
+    (root / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
+    return root
+
+
 @pytest.fixture()
 def tiny_config():
     """The default Config: builtin:tiny with default settings."""

@@ -116,13 +116,6 @@ def test_bad_sparsity_config_names_the_field(raw, field):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_assets):
-    root = tmp_path_factory.mktemp("cache")
-    (root / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
-    return root
-
-
-@pytest.fixture(scope="module")
 def heldout(cache, tiny_assets):
     """(calibration file, held-out docs): the last 128 corpus documents, which the calibration file excludes."""
     lines = tiny_assets.corpus_path.read_text().splitlines()

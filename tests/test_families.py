@@ -39,14 +39,6 @@ def family_config(family: str, vocab: int, tied: bool, **ids):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_assets):
-    """A fresh cache that reuses the built tiny model (its tokenizer, fine-tuning data and tasks)."""
-    root = tmp_path_factory.mktemp("families-cache")
-    (root / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
-    return root
-
-
-@pytest.fixture(scope="module")
 def make_folder(tmp_path_factory, tiny_assets):
     """(family, tied) -> an HF folder holding a random-initialised model of that family (biases random too)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -261,8 +253,11 @@ def test_prune_cli_refuses_unsupported_models_with_exit_2(kind, tmp_path, tiny_a
     else:
         model = LlamaForCausalLM(family_config("llama", 768, False, attention_bias=kind == "biased-llama"))
         save_pickled(model, folder) if kind == "pickle" else model.save_pretrained(folder)
+    cache = tmp_path / "cache"  # the recipe's builtin data resolve into it: share the built tiny model
+    cache.mkdir()
+    (cache / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"model": {"name": str(folder)}, "output": {"cache_dir": str(tmp_path / "cache")}}))
+    recipe.write_text(json.dumps({"model": {"name": str(folder)}, "output": {"cache_dir": str(cache)}}))
     proc = subprocess.run([sys.executable, "-m", "qpruner.prune", "--config", str(recipe)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -25,14 +25,6 @@ def cfg_for(cache: Path, **prune):
     return config_from_dict({"prune": prune, "output": {"cache_dir": str(cache)}})
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_assets):
-    """A fresh pruning cache that reuses the already built tiny model."""
-    root = tmp_path_factory.mktemp("cache")
-    (root / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
-    return root
-
-
 @pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second", "calibration": {"n_samples": 6}}, {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
 def test_ratio_and_gqa_structure(cache, prune):
     result = prune_cached(cfg_for(cache, **prune), progress=False)
