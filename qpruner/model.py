@@ -77,17 +77,18 @@ def load_model(name: str, dtype: str = "float32", cache_dir: Optional[Path] = No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, config, _ = check_model(name, cache_dir, trust_remote_code, allow_pickle)
-    if getattr(config, "qpruner_layers", None):
-        from qpruner.prune import load_pruned
+    from qpruner.standalone import build_pruned_model
 
-        return load_pruned(path, dtype=dtype, device=device)
+    path, config, _ = check_model(name, cache_dir, trust_remote_code, allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
-        )
+        if getattr(config, "qpruner_layers", None):  # a qpruner-pruned folder: per-layer shapes
+            model = build_pruned_model(path, getattr(torch, dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+            )
     except OSError as exc:
         raise ConfigError(
             "model.name",

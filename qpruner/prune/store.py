@@ -54,17 +54,9 @@ def save_pruned(model, tokenizer, path: Path, meta: dict) -> None:
 
 def load_pruned(path: str | Path, dtype: str = "float32", device: Optional[str] = None):
     """Rebuild the family's own transformers CausalLM with the pruned per-layer shapes; (model, tokenizer)."""
-    from transformers import AutoTokenizer
+    from qpruner.model import load_model
 
-    from qpruner.standalone import build_pruned_model
-
-    model = build_pruned_model(path, getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device:
-        model.to(device)
-    return model, tokenizer
+    return load_model(str(path), dtype, device=device)
 
 
 def pruned_layer_count(path: str | Path) -> int:
