@@ -36,9 +36,6 @@ class Family:
     # heads leaves them unchanged, so pruning never resizes them
     head_norms: tuple[str, ...] = field(default_factory=tuple)
 
-    attention: tuple[str, ...] = ATTENTION
-    mlp: tuple[str, ...] = MLP
-
 
 def config_biases(config, attention_key: str = "attention_bias", mlp_key: str = "mlp_bias") -> dict[str, bool]:
     """Biases as LLaMA-style configs declare them: one flag for all attention projections, one for the MLP."""
