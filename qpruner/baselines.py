@@ -50,7 +50,7 @@ def apt_sparsity(cfg: Config):
 def apt_no_retraining(cfg: Config) -> dict:
     """The source model APT-pruned (same calibration, the shared prune cache) at matching sparsity, evaluated
     zero-shot without quantization or fine-tuning; memory is its dense weights (zeros stored)."""
-    from qpruner.evaluate import evaluate_model
+    from qpruner.evaluate import evaluate_model, held_out_docs
     from qpruner.memory import weight_bytes
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import pick_device
@@ -58,7 +58,7 @@ def apt_no_retraining(cfg: Config) -> dict:
     prune = {**dataclasses.asdict(cfg.prune), "method": "apt", "ratio": 0.0, "sparsity": apt_sparsity(cfg)}
     apt_cfg = config_from_dict({**cfg.to_dict(), "prune": prune, "search": {**cfg.to_dict()["search"], "importance": "mi"}})
     model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
     bits = [16] * len(model.model.layers)
     return row("apt", bits, ev["mean_acc"], {t: r["acc"] for t, r in ev["tasks"].items()}, None,
                weight_bytes(model, bits, cfg.quant)["total"])
@@ -66,14 +66,14 @@ def apt_no_retraining(cfg: Config) -> dict:
 
 def unpruned(cfg: Config) -> dict:
     """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
-    from qpruner.evaluate import evaluate_model
+    from qpruner.evaluate import evaluate_model, held_out_docs
     from qpruner.memory import weight_bytes
     from qpruner.model import load_model
     from qpruner.trial import pick_device
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code,
                                   pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],
                {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights,

@@ -191,7 +191,9 @@ class FinetuneConfig:
     max_examples: Optional[int] = None  # cap on the training set (null = all)
     warmup_steps: int = 0
     report_every: int = 10
-    val_limit: int = 32  # examples per task in the quick validation used for early stopping
+    # documents per task in the quick validation ASHA reads (gold log-probability); a task without a
+    # disjoint split has this many documents held out of its final score
+    val_limit: int = 64
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit"] = "auto"  # auto: paged on CUDA, AdamW on CPU
     seed: int = 0
 
@@ -243,7 +245,9 @@ class EvalConfig:
 
 @dataclass
 class AshaConfig:
-    """ASHA early stopping on the trial's quick validation signal `val_acc` (time unit: reports).
+    """ASHA early stopping on the trial's quick validation signal `val_logprob` (time unit: reports): the
+    mean log-probability of the gold answer on validation data disjoint from the final score (a task's
+    other split, or documents held out of it; qpruner.evaluate.make_validator).
 
     Rungs lie only at reports made before the last training step: max_t defaults to the last such
     report, and trials past the top rung are not stopped, so ASHA never stops a fully trained trial.

@@ -23,8 +23,9 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import yaml
 from lm_eval.tasks import TaskManager
@@ -156,6 +157,35 @@ def derived_task_yaml(task: str, file: str, name: str, field: str) -> str:
     return yaml.safe_dump(derived, sort_keys=False)
 
 
+def split_twin_source(task: str) -> Optional[str]:
+    """The split of lm-eval's stock `task` that quick validation may read instead of the evaluated one
+    (validation when the test split is scored, else training), or None: no other split, a task type the
+    quick validation does not score, or a task that is not one of lm-eval's YAML tasks."""
+    if task not in stock_task_yamls():
+        return None
+    try:
+        _, stock = stock_task_config(task, "eval.tasks")
+    except ConfigError:
+        return None
+    if stock.get("output_type", "generate_until") not in VALIDATED_TYPES:
+        return None
+    evaluated = stock.get("test_split") or stock.get("validation_split")
+    for split in (stock.get("validation_split"), stock.get("training_split")):
+        if split and split != evaluated:
+            return split
+    return None
+
+
+def split_twin_yaml(task: str) -> str:
+    """The twin `<task>_val` of a stock hub task: lm-eval's own YAML, evaluating its other split."""
+    stock_path, stock = stock_task_config(task, "eval.tasks")
+    twin = {"include": str(stock_path), "task": f"{task}_val", "test_split": split_twin_source(task),
+            "validation_split": None, "training_split": None, "fewshot_split": None}
+    if stock.get("tag"):
+        twin["tag"] = []
+    return yaml.safe_dump(twin, sort_keys=False)
+
+
 def derived_tasks_dir(ecfg: EvalConfig, cache_dir: Optional[str | Path] = None) -> Optional[Path]:
     """Write the derived tasks of eval.local_data (named as the task) and eval.val_data (`<task>_val`)
     into <cache>/tasks/<content hash>/, once; None when there is no local data."""
@@ -166,6 +196,9 @@ def derived_tasks_dir(ecfg: EvalConfig, cache_dir: Optional[str | Path] = None) 
         yamls[task] = derived_task_yaml(task, file, task, f"eval.local_data.{task}")
     for task, file in ecfg.val_data.items():
         yamls[f"{task}_val"] = derived_task_yaml(task, file, f"{task}_val", f"eval.val_data.{task}")
+    for task in ecfg.tasks:
+        if task not in ecfg.local_data and task not in ecfg.val_data and split_twin_source(task):
+            yamls[f"{task}_val"] = split_twin_yaml(task)
     if not yamls:
         return None
     key = hashlib.sha256(json.dumps(yamls, sort_keys=True).encode()).hexdigest()[:16]
@@ -212,9 +245,10 @@ def check_hub_data(names: Sequence[str], include_paths: Sequence[str]) -> None:
 
 
 def validation_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(task names, include paths) for quick validation: each eval task T becomes its `T_val` twin when
-    eval.val_data has T or the task index already defines `T_val` (the built-in tasks), else stays T
-    (see `tasks_without_validation_split`)."""
+    """(task names, include paths) for quick validation: each eval task T becomes its `T_val` twin on data
+    disjoint from the final score (eval.val_data, the built-in twins, or the other split of a stock hub
+    task), else stays T, whose first `finetune.val_limit` documents are then held out of the final score
+    (see `held_out_docs`)."""
     cache_dir = cfg.output.cache if cache_dir is None else cache_dir
     names, paths = resolve_tasks(cfg.eval, cache_dir)
     twins = _val_twins(cfg, names, paths)
@@ -222,16 +256,135 @@ def validation_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> tup
 
 
 def tasks_without_validation_split(cfg: Config, cache_dir: Optional[str | Path] = None) -> list[str]:
-    """Eval tasks with no disjoint `T_val` twin: their quick validation reads the test split itself."""
+    """Eval tasks with no disjoint `T_val` twin: quick validation reads their first `finetune.val_limit`
+    documents, which the final score then leaves out."""
     cache_dir = cfg.output.cache if cache_dir is None else cache_dir
     names, paths = resolve_tasks(cfg.eval, cache_dir)
     twins = _val_twins(cfg, names, paths)
     return [n for n in names if n not in twins]
 
 
+def held_out_docs(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict[str, int]:
+    """{lm-eval task: documents skipped at the start of its evaluated split} for every task validated on
+    its own split, so the final score never counts a document the search validated on. Every final
+    evaluation of a run (trials, baselines) passes this to `evaluate_model`, so its rows stay comparable."""
+    cache_dir = cfg.output.cache if cache_dir is None else cache_dir
+    own = tasks_without_validation_split(cfg, cache_dir)
+    if not own:
+        return {}
+    _, paths = resolve_tasks(cfg.eval, cache_dir)
+    leaves = load_tasks(tuple(own), tuple(paths))["tasks"]  # a group's subtasks each hold out their own docs
+    return {name: cfg.finetune.val_limit for name in leaves}
+
+
+def validation_plan(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict[str, str]:
+    """{eval task: where its quick validation reads}, in words, for the report."""
+    cache_dir = cfg.output.cache if cache_dir is None else cache_dir
+    names, paths = resolve_tasks(cfg.eval, cache_dir)
+    twins = _val_twins(cfg, names, paths)
+    plan = {}
+    for name in names:
+        if name in cfg.eval.val_data:
+            plan[name] = f"eval.val_data file {Path(cfg.eval.val_data[name]).name}"
+        elif name in twins and name not in cfg.eval.local_data and split_twin_source(name):
+            plan[name] = f"its {split_twin_source(name)!r} split (the final score reads another)"
+        elif name in twins:
+            plan[name] = f"its held-out twin {twins[name]}"
+        else:
+            plan[name] = (f"its first {cfg.finetune.val_limit} documents, held out of the final score "
+                          "(no other split is available)")
+    return plan
+
+
 def _val_twins(cfg: Config, names: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
     local = set(task_manager(tuple(paths), include_defaults=False).all_tasks) if paths else set()
     return {n: f"{n}_val" for n in names if n in cfg.eval.val_data or f"{n}_val" in local}
+
+
+# ---------------------------------------------------------------------------------------------
+# Quick validation: the log-probability of the gold answer, a smooth signal that ranks configurations.
+
+VALIDATED_TYPES = ("multiple_choice", "loglikelihood")  # task types whose gold answer can be scored
+
+
+def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], dict]:
+    """ASHA's signal: () -> {"val_logprob", "val_acc"} on the validation tasks' first `finetune.val_limit` docs.
+
+    val_logprob is the mean over tasks of the mean log-probability of each document's gold answer:
+    for multiple-choice tasks (multiple_input ones like WinoGrande too) log softmax over the choices'
+    summed continuation log-likelihoods at the gold choice, for single-continuation tasks its
+    log-likelihood. Unlike accuracy on a few dozen items, it moves with every document's margin, so it
+    ranks configurations instead of tying them. val_acc (the argmax, unnormalised) comes free with it.
+    Requests are built once here; each call only runs the forward passes.
+    """
+    requests = {name: gold_requests(task, cfg.finetune.val_limit) for name, task in validated_tasks(cfg, cache_dir).items()}
+    lm = wrap_model(model, tokenizer, cfg.eval.batch_size)
+
+    def validate() -> dict:
+        scores = [gold_scores(lm, *reqs) for reqs in requests.values()]
+        return {"val_logprob": float(np.mean([s[0] for s in scores])), "val_acc": float(np.mean([s[1] for s in scores]))}
+
+    return validate
+
+
+def validated_tasks(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict:
+    """{name: lm-eval task} the quick validation scores: the validation tasks with a gold answer (perplexity
+    tasks have none); ConfigError when none has one."""
+    tasks = load_tasks(*validation_tasks(cfg, cache_dir))["tasks"]
+    picked = {name: task for name, task in tasks.items() if task.OUTPUT_TYPE in VALIDATED_TYPES}
+    if not picked:
+        raise ConfigError("eval.tasks", f"no task of {', '.join(tasks)} has a gold answer to validate on (types "
+                          f"{', '.join(VALIDATED_TYPES)}); add a multiple-choice task such as {', '.join(STANDARD_TASKS[:3])}")
+    return picked
+
+
+def gold_requests(task, limit: int) -> tuple[list, list[int]]:
+    """lm-eval's own requests for the first `limit` docs of `task` (its prompts, choices and targets), one
+    per choice (acc_mutual_info's unconditional extras dropped), and each request's doc's gold choice."""
+    with quiet_lm_eval():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc: dict[int, list] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    instances, golds = [], []
+    for doc_id, group in by_doc.items():
+        n = len(task.doc_to_choice(group[0].doc)) if task.OUTPUT_TYPE == "multiple_choice" else 1
+        instances += group[:n]
+        golds += [gold_index(task, group[0].doc)] * len(group[:n])
+    return instances, golds
+
+
+def gold_index(task, doc: dict) -> int:
+    """The gold choice of a doc, as lm-eval's multiple-choice scoring finds it (multiple_input: doc_to_text)."""
+    if task.OUTPUT_TYPE != "multiple_choice":
+        return 0
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, list):
+        gold = gold[0]
+    if isinstance(gold, str):
+        gold = task.doc_to_choice(doc).index(gold)
+    return int(gold)
+
+
+def gold_scores(lm: "HFLM", instances: list, golds: list[int]) -> tuple[float, float]:
+    """(mean gold log-probability, accuracy) of one task's requests under the current weights."""
+    with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
+        results = lm.loglikelihood(instances, disable_tqdm=True)
+    per_doc: dict[int, list] = {}
+    for inst, gold, (ll, greedy) in zip(instances, golds, results):
+        per_doc.setdefault(inst.doc_id, [gold, [], []])
+        per_doc[inst.doc_id][1].append(ll)
+        per_doc[inst.doc_id][2].append(greedy)
+    logps, hits = [], []
+    for gold, lls, greedy in per_doc.values():
+        if len(lls) == 1:  # one continuation (loglikelihood tasks): its log-likelihood, greedy = correct
+            logps.append(lls[0])
+            hits.append(float(greedy[0]))
+        else:
+            lls = np.asarray(lls, dtype=np.float64)
+            logps.append(float(lls[gold] - np.logaddexp.reduce(lls)))
+            hits.append(float(np.argmax(lls) == gold))
+    return float(np.mean(logps)), float(np.mean(hits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,36 +398,21 @@ def evaluate_model(
     tasks: Optional[Sequence[str]] = None,
     limit: Optional[int] = None,
     cache_dir: Optional[str | Path] = None,
+    skip: Optional[Mapping[str, int]] = None,
 ) -> dict:
     """Zero-shot lm-eval accuracy of the in-memory model: {"tasks": {name: {"acc", "acc_norm"}}, "mean_acc", "seconds"}.
 
-    `tasks` defaults to ecfg.tasks; `limit` (default ecfg.limit) caps documents per task. Perplexity
-    tasks (wikitext) add their metrics and are left out of mean_acc (None if no task has acc).
+    `tasks` defaults to ecfg.tasks; `limit` (default ecfg.limit) caps documents per task; `skip`
+    ({task: n}, see `held_out_docs`) leaves out the first n documents the quick validation read.
+    Perplexity tasks (wikitext) add their metrics and are left out of mean_acc (None if no task has acc).
     """
     started = time.perf_counter()
     names, paths = resolve_tasks(ecfg, cache_dir, tasks)
     lm = wrap_model(model, tokenizer, ecfg.batch_size)
-    scores = run_tasks(lm, load_tasks(tuple(names), tuple(paths)), ecfg.limit if limit is None else limit)
+    scores = run_tasks(lm, load_tasks(tuple(names), tuple(paths)), ecfg.limit if limit is None else limit, skip=skip)
     accs = any(s["acc"] is not None for s in scores.values())
     return {"tasks": scores, "mean_acc": mean_acc(scores, ecfg.metric) if accs else None,
             "seconds": time.perf_counter() - started}
-
-
-def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], float]:
-    """A quick accuracy for early stopping: mean `eval.metric` over the validation tasks, `finetune.val_limit` docs each.
-
-    Tasks with a `T_val` twin (eval.val_data, the built-in tasks) use its held-out docs; any other task
-    is validated on its own evaluation split, first `val_limit` documents, so it overlaps the final test.
-    Tasks and the lm-eval wrapper are built here once; each call only runs the forward passes.
-    """
-    task_dict = load_tasks(*validation_tasks(cfg, cache_dir))
-    lm = wrap_model(model, tokenizer, cfg.eval.batch_size)
-    limit = cfg.finetune.val_limit
-
-    def validate() -> float:
-        return mean_acc(run_tasks(lm, task_dict, limit), cfg.eval.metric)
-
-    return validate
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> "HFLM":
@@ -285,16 +423,20 @@ def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> "HFLM":
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: bool = False) -> dict[str, dict[str, Optional[float]]]:
+def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: bool = False,
+              skip: Optional[Mapping[str, int]] = None) -> dict[str, dict[str, Optional[float]]]:
     """Run lm-eval on already-loaded tasks in eval mode (restoring the model's mode): {task: {"acc", "acc_norm", ...}}.
 
     Multiple-choice tasks give acc/acc_norm; other tasks (wikitext) give their own metrics (e.g.
     word_perplexity) with acc None. `stderr` adds `<metric>_stderr` (lm-eval's closed form for means).
+    `skip` leaves out each named task's first documents (then `limit` counts from there).
     """
     from lm_eval import evaluator
 
+    samples = doc_windows(task_dict, limit, skip) if skip and set(skip) & set(task_dict["tasks"]) else None
     with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
-        out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=100 if stderr else 0, log_samples=False)
+        out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=None if samples else limit, samples=samples,
+                                 bootstrap_iters=100 if stderr else 0, log_samples=False)
     scores = {}
     for name in task_dict["tasks"]:
         metrics = out["results"][name]
@@ -305,6 +447,19 @@ def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: 
                 scores[name][metric] = float(value)
         scores[name]["n_docs"] = out.get("n-samples", {}).get(name, {}).get("effective")
     return scores
+
+
+def doc_windows(task_dict: dict, limit: Optional[int], skip: Mapping[str, int]) -> dict[str, list[int]]:
+    """lm-eval `samples`: per task the document indices [skip, skip + limit) of its evaluated split."""
+    windows = {}
+    for name, task in task_dict["tasks"].items():
+        n = len(task.eval_docs)
+        start = skip.get(name, 0)
+        if start >= n:
+            raise ConfigError("finetune.val_limit", f"task {name!r} has {n} documents and quick validation holds out the "
+                              f"first {start}, leaving none to score; lower finetune.val_limit or give eval.val_data.{name}")
+        windows[name] = list(range(start, n if limit is None else min(n, start + limit)))
+    return windows
 
 
 # Tasks whose accuracy LLM-Pruner and QPruner report as lm-eval's length-normalised acc_norm.

@@ -43,17 +43,17 @@ class TrainingDiverged(QPrunerError):
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tuning run did: the search reports these, and last_val_acc stands in for accuracy if stopped."""
+    """What a fine-tuning run did: the search reports these (the last validation is ASHA's last signal)."""
 
     steps: int  # optimizer steps completed
     losses: list[float]  # mean response-token loss of each optimizer step
     seconds: float
     stopped_early: bool
-    val_accs: list[float] = field(default_factory=list)  # one per report that had a validator
+    validations: list[dict] = field(default_factory=list)  # {"val_logprob", "val_acc"} per report with a validator
 
     @property
-    def last_val_acc(self) -> Optional[float]:
-        return self.val_accs[-1] if self.val_accs else None
+    def last_validation(self) -> dict:
+        return self.validations[-1] if self.validations else {"val_logprob": None, "val_acc": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +198,15 @@ def finetune(
     tokenizer,
     cfg: Config,
     report: Optional[Callable[[dict], None]] = None,
-    validate: Optional[Callable[[], float]] = None,
+    validate: Optional[Callable[[], dict]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     progress: bool = False,
 ) -> FinetuneResult:
     """Train the model's trainable (LoRA) parameters on `cfg.finetune.data` for `finetune.steps` optimizer steps.
 
-    Every `report_every` steps: val_acc = validate() (if given), then report(step, train_loss, val_acc),
-    where train_loss is the mean over those steps; stops early when should_stop() says so. NaN/inf loss
+    Every `report_every` steps: validate() (if given; qpruner.evaluate.make_validator gives val_logprob and
+    val_acc), then report(step, train_loss, val_logprob, val_acc), where train_loss is the mean over those
+    steps; stops early when should_stop() says so. NaN/inf loss
     raises TrainingDiverged. Leaves the model in eval mode.
     """
     fcfg = cfg.finetune
@@ -222,7 +223,7 @@ def finetune(
     device = model.get_input_embeddings().weight.device
     batches = micro_batches(len(examples), fcfg.batch_size, fcfg.micro_batch_size, fcfg.seed)
     losses: list[float] = []
-    val_accs: list[float] = []
+    validations: list[dict] = []
     stopped_early = False
     started = time.perf_counter()
     model.train()
@@ -241,10 +242,11 @@ def finetune(
             done = step + 1
             if done % fcfg.report_every:
                 continue
-            metrics = {"step": done, "train_loss": sum(losses[-fcfg.report_every :]) / fcfg.report_every, "val_acc": None}
+            metrics = {"step": done, "train_loss": sum(losses[-fcfg.report_every :]) / fcfg.report_every,
+                       "val_logprob": None, "val_acc": None}
             if validate is not None:
-                metrics["val_acc"] = float(validate())
-                val_accs.append(metrics["val_acc"])
+                validations.append(validate())
+                metrics.update(validations[-1])
                 model.train()  # lm-eval switches the model to eval mode
             if report is not None:
                 report(metrics)
@@ -252,7 +254,7 @@ def finetune(
                 stopped_early = True
                 break
     model.eval()
-    return FinetuneResult(len(losses), losses, time.perf_counter() - started, stopped_early, val_accs)
+    return FinetuneResult(len(losses), losses, time.perf_counter() - started, stopped_early, validations)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, chunks: list[dict], device) -> float:

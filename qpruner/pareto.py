@@ -29,7 +29,7 @@ SCHEMA_VERSION = "1"
 FIXED = pa.schema([
     ("trial_id", pa.string()), ("status", pa.string()), ("bits", pa.list_(pa.field("element", pa.int8()))),
     ("ranks", pa.list_(pa.field("element", pa.int16()))),
-    ("accuracy", pa.float64()), ("val_acc", pa.float64()), ("memory_bytes", pa.int64()), ("memory_gb", pa.float64()),
+    ("accuracy", pa.float64()), ("val_logprob", pa.float64()), ("val_acc", pa.float64()), ("memory_bytes", pa.int64()), ("memory_gb", pa.float64()),
     ("memory_source", pa.string()), ("weight_bytes", pa.int64()), ("lora_bytes", pa.int64()),
     ("peak_estimate_bytes", pa.int64()), ("peak_measured_bytes", pa.int64()), ("train_loss", pa.float64()),
     ("stopped_early", pa.bool_()), ("iterations", pa.int32()), ("steps", pa.int32()), ("max_steps", pa.int32()),

@@ -47,7 +47,10 @@ def write_report(run_dir: str | Path) -> Path:
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     record = run / "searcher.json"  # written by qpruner.search.RecordedOptunaSearch
     repeats = json.loads(record.read_text()).get("answered_from_record", 0) if record.is_file() else 0
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, model_source(run)))
+    plan = run / "validation.json"  # written by qpruner.tune at the start of the run
+    validation = json.loads(plan.read_text()) if plan.is_file() else None
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, model_source(run),
+                                            validation))
     return run / "report.md"
 
 
@@ -72,10 +75,11 @@ def source_lines(source: Optional[dict]) -> list[str]:
 
 
 def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
-             baselines: Sequence[dict] = (), repeats: int = 0, source: Optional[dict] = None) -> str:
+             baselines: Sequence[dict] = (), repeats: int = 0, source: Optional[dict] = None,
+             validation: Optional[dict] = None) -> str:
     """The whole report as Markdown text; `baselines` are the rows of baselines.json, `repeats` the
     searcher's proposals of already-recorded configurations (answered from the record, not trained),
-    `source` the model's provenance."""
+    `source` the model's provenance, `validation` where each task's quick validation read."""
     rows = results.to_pylist()
     tasks = metric_columns(results.column_names)
     done = completed(results).to_pylist()
@@ -90,6 +94,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += source_lines(source)
     lines += [f"- Repeat proposals answered from the record (not trained again): {repeats}."]
     lines += time_lines(rows)
+    lines += validation_lines(validation)
     lines += early_stop_lines(rows, early)
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
               f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
@@ -101,10 +106,10 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += ["", "## Search progress", "", "![hypervolume vs completed trials](hypervolume.png)", "",
               "## Bits per layer on the front", "", "![bits per layer on the Pareto front](bits_heatmap.png)", ""]
     if early:
-        lines += ["## Stopped early", "", "| trial | bits per layer | steps done | last validation acc | memory GB |",
-                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += ["## Stopped early", "", "| trial | bits per layer | steps done | last validation log-prob | last validation acc | memory GB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['steps']} / {run_max_steps(rows, r) or '?'} | "
-                  f"{fmt(r['val_acc'])} | {fmt(gb(r), 4)} |" for r in early]
+                  f"{fmt(r.get('val_logprob'))} | {fmt(r['val_acc'])} | {fmt(gb(r), 4)} |" for r in early]
         lines += [""]
     if failed:
         lines += ["## Failed trials", ""]
@@ -113,6 +118,14 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     if config is not None:
         lines += ["## Config", "", "```yaml", config.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def validation_lines(validation: Optional[dict]) -> list[str]:
+    """Where ASHA's quick validation read, per task: a disjoint split, or documents held out of the final score."""
+    if not validation:
+        return []
+    return ["- Quick validation (ASHA's signal: mean log-probability of the gold answer): "
+            + "; ".join(f"{task}: {where}" for task, where in validation.items()) + "."]
 
 
 def time_lines(rows: list[dict]) -> list[str]:

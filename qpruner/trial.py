@@ -24,7 +24,7 @@ def preflight(cfg: Config) -> None:
     default) an unreachable input is one line naming the field within seconds, not a failure minutes
     into a search."""
     from qpruner.data import calibration_texts
-    from qpruner.evaluate import check_hub_data, load_tasks, resolve_tasks, validation_tasks
+    from qpruner.evaluate import check_hub_data, load_tasks, resolve_tasks, validated_tasks, validation_tasks
     from qpruner.finetune import load_alpaca
     from qpruner.model import check_model
 
@@ -36,8 +36,7 @@ def preflight(cfg: Config) -> None:
     if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
     load_tasks(tuple(names), tuple(paths))
-    if val[0] != tuple(names):
-        load_tasks(*val)
+    validated_tasks(cfg)
 
 
 def pick_device(cfg: Config) -> str:
@@ -57,13 +56,13 @@ def run_trial(
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
-    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_acc
-    (ASHA's signal), `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
+    `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_logprob
+    (ASHA's signal: see qpruner.evaluate.make_validator), val_acc, `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
     peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
     """
     from peft import get_peft_model
 
-    from qpruner.evaluate import evaluate_model, make_validator
+    from qpruner.evaluate import evaluate_model, held_out_docs, make_validator
     from qpruner.finetune import finetune
     from qpruner.loftq import apply_loftq_adapters, loftq_for_model
     from qpruner.memory import memory_report, weight_storage
@@ -108,7 +107,7 @@ def run_trial(
     timings["finetune_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache)
+    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
     timings["eval_s"] = time.perf_counter() - t
 
     memory = memory_report(peft_model, bits, cfg, device=device)  # measured peak now includes training
@@ -121,7 +120,7 @@ def run_trial(
         "accuracy": ev["mean_acc"],
         "task_acc": {name: r["acc"] for name, r in ev["tasks"].items()},
         "task_acc_norm": {name: r.get("acc_norm") for name, r in ev["tasks"].items()},
-        "val_acc": ft.last_val_acc,
+        **ft.last_validation,
         "train_loss": ft.losses[-1] if ft.losses else None,
         "steps": ft.steps,
         "max_steps": cfg.finetune.steps,

@@ -23,6 +23,7 @@ from qpruner.errors import QPrunerError, ray_get
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
+VALIDATION_RECORD = "validation.json"  # where each task's quick validation reads (the report says so)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
         "accuracy": last.get("accuracy") if final else None,
         "task_acc": last.get("task_acc") or {},
         "task_acc_norm": last.get("task_acc_norm") or {},
+        "val_logprob": last.get("val_logprob"),
         "val_acc": last.get("val_acc"),
         "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
         "memory_source": last.get("memory_source"),
@@ -259,7 +261,7 @@ def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resourc
     max_t = asha_max_t(cfg)
     if cfg.search.asha.enabled and max_t >= cfg.search.asha.grace_period:
         scheduler = tune.schedulers.ASHAScheduler(
-            metric="val_acc",
+            metric="val_logprob",  # gold-answer log-probability on validation data (make_validator)
             mode="max",
             time_attr="training_iteration",
             max_t=max_t,
@@ -327,6 +329,9 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     resources = trial_resources(cfg)
     if not restore:
         init_out_dir(out, cfg, overwrite)
+        from qpruner.evaluate import validation_plan
+
+        (out / VALIDATION_RECORD).write_text(json.dumps(validation_plan(cfg)))
     started = time.time()
     pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)

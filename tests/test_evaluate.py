@@ -1,6 +1,7 @@
 """lm-eval evaluation of the in-memory tiny model: real lm-eval, real peft, the built-in tasks."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,13 +65,14 @@ def test_validator_reuses_tasks_restores_train_mode_and_is_fast(tiny_assets, tin
     t = time.perf_counter()
     second = validate()
     seconds = time.perf_counter() - t
-    assert 0.0 <= first <= 1.0
+    assert set(first) == {"val_logprob", "val_acc"}
+    assert first["val_logprob"] < 0 and 0.0 <= first["val_acc"] <= 1.0
     assert second == first  # eval mode: dropout off, same docs, deterministic
     # the validation tasks are the held-out *_val tasks, and they were loaded once
     val = load_tasks(tuple(tiny_assets.val_tasks), (str(tiny_assets.tasks_dir),))
     assert set(val["tasks"]) == set(tiny_assets.val_tasks)
     assert seconds < 10, f"one validation call took {seconds:.1f}s"
-    print(f"\nvalidator: acc {first:.3f}, {seconds:.2f}s per call ({len(tiny_assets.val_tasks)} tasks x 16 docs)")
+    print(f"\nvalidator: {first}, {seconds:.2f}s per call ({len(tiny_assets.val_tasks)} tasks x 16 docs)")
 
 
 def test_unknown_task_is_a_one_line_error_with_suggestion(tiny_config):
@@ -85,7 +87,9 @@ def test_unknown_task_is_a_one_line_error_with_suggestion(tiny_config):
 def test_standard_task_names_pass_through(tiny_config):
     tiny_config.eval.tasks = ["boolq", "arc_easy"]
     names, paths = resolve_tasks(tiny_config.eval)
-    assert names == ["boolq", "arc_easy"] and paths == [tiny_config.eval.include_path]  # the tiny tasks' folder stays
+    assert names == ["boolq", "arc_easy"] and paths[0] == tiny_config.eval.include_path  # the tiny tasks' folder stays
+    # and their validation twins on the splits the final score does not read
+    assert sorted(p.name for p in Path(paths[1]).glob("*.yaml")) == ["arc_easy_val.yaml", "boolq_val.yaml"]
 
 
 def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets, tiny_config):

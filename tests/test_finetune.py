@@ -44,10 +44,11 @@ def test_finetune_lowers_loss_and_reports_every_n_steps(tiny_assets, cfg):
     assert last < 0.9 * first, f"loss {first:.3f} -> {last:.3f}"
     assert [r["step"] for r in reports] == [8, 16, 24]
     for r in reports:
-        assert set(r) == {"step", "train_loss", "val_acc"}
-        assert math.isfinite(r["train_loss"]) and 0.0 <= r["val_acc"] <= 1.0
+        assert set(r) == {"step", "train_loss", "val_logprob", "val_acc"}
+        assert math.isfinite(r["train_loss"]) and r["val_logprob"] < 0 and 0.0 <= r["val_acc"] <= 1.0
     assert reports[-1]["train_loss"] == pytest.approx(sum(result.losses[16:]) / 8)
-    assert result.last_val_acc == reports[-1]["val_acc"]
+    assert result.last_validation == {k: reports[-1][k] for k in ("val_logprob", "val_acc")}
+    assert reports[-1]["val_logprob"] > reports[0]["val_logprob"], "training on the world raises the gold answer's probability"
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad), "only LoRA trains"
     print(f"\nloss {first:.3f} -> {last:.3f} in {result.seconds:.1f}s ({result.seconds / 24:.3f}s/step); val_acc {[r['val_acc'] for r in reports]}")
 
@@ -73,7 +74,7 @@ def test_should_stop_ends_training_after_a_report(tiny_assets, cfg):
     reports = []
     result = finetune(model, tokenizer, cfg, report=reports.append, should_stop=lambda: len(reports) >= 2)
     assert result.stopped_early and result.steps == 6 and [r["step"] for r in reports] == [3, 6]
-    assert reports[0]["val_acc"] is None  # no validator given
+    assert reports[0]["val_acc"] is None and reports[0]["val_logprob"] is None  # no validator given
 
 
 def test_nan_loss_raises_training_diverged(tiny_assets, cfg):

@@ -234,3 +234,72 @@ def test_config_error_inside_a_ray_task_arrives_as_itself():
         assert str(info.value) == "eval.tasks: cannot load boolq" and type(info.value) is ConfigError
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Quick validation: disjoint data, gold log-probability.
+
+
+def test_quick_validation_scores_the_gold_answer_as_lm_eval_does_on_every_task_type(fixtures, tiny_lm):
+    """The validator's accuracy equals lm-eval's own acc on the same documents for every multiple-choice
+    task type (WinoGrande's multiple_input too), and its log-probability is a finite log-probability
+    that separates the choices (not the uniform log 1/k). Fails before: the validator
+    returned lm-eval's accuracy alone, and there was no gold-answer scoring to compare."""
+    import numpy as np
+
+    from qpruner.evaluate import gold_requests, gold_scores, load_tasks, resolve_tasks, run_tasks
+
+    tasks = [t for t in ROWS if t != "wikitext"]
+    cfg = config_from_dict({"eval": {"tasks": tasks, "local_data": fixtures}})
+    loaded = load_tasks(*map(tuple, resolve_tasks(cfg.eval, cfg.output.cache)))
+    lm_eval_acc = run_tasks(tiny_lm, loaded)
+    for name in tasks:
+        instances, golds = gold_requests(loaded["tasks"][name], limit=2)
+        logp, acc = gold_scores(tiny_lm, instances, golds)
+        assert acc == lm_eval_acc[name]["acc"], name
+        n_choices = len(instances) / 2
+        assert math.isfinite(logp) and logp < 0 and np.exp(logp) != pytest.approx(1 / n_choices, abs=1e-9), name
+
+
+def test_a_task_without_another_split_holds_its_validation_docs_out_of_the_final_score(fixtures, tiny_assets, tmp_path):
+    """arc_easy from local data has no other split: validation reads its first val_limit documents and
+    every final evaluation skips them; boolq with eval.val_data keeps all its documents. Fails before:
+    validation read the first documents of the test split and the final score counted them again."""
+    from qpruner.evaluate import (evaluate_model, gold_requests, held_out_docs, validated_tasks, validation_plan)
+    from qpruner.model import load_model
+
+    rows = [dict(ROWS["arc_easy"][i % 2], id=f"e{i}") for i in range(5)]
+    arc = write_rows(tmp_path / "arc_easy.jsonl", rows)
+    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": str(arc)},
+                                     "val_data": {"boolq": fixtures["boolq"]}}, "finetune": {"val_limit": 2}})
+    assert held_out_docs(cfg) == {"arc_easy": 2}
+    plan = validation_plan(cfg)
+    assert "held out of the final score" in plan["arc_easy"] and "val_data" in plan["boolq"]
+    instances, _ = gold_requests(validated_tasks(cfg)["arc_easy"], cfg.finetune.val_limit)
+    assert {i.doc_id for i in instances} == {0, 1}
+    model, tok = load_model(str(tiny_assets.model_dir))
+    scores = evaluate_model(model, tok, cfg.eval, skip=held_out_docs(cfg))["tasks"]
+    assert scores["arc_easy"]["n_docs"] == 3 and scores["boolq"]["n_docs"] == 2
+    assert evaluate_model(model, tok, cfg.eval, limit=1, skip=held_out_docs(cfg))["tasks"]["arc_easy"]["n_docs"] == 1
+    cfg.finetune.val_limit = 5
+    with pytest.raises(ConfigError, match=r"finetune\.val_limit: .*arc_easy.* leaving none"):
+        evaluate_model(model, tok, cfg.eval, skip=held_out_docs(cfg))
+
+
+def test_stock_hub_tasks_validate_on_their_other_split(cache):
+    """Hub tasks get a `<task>_val` twin of lm-eval's own YAML that evaluates the split the final score
+    does not read (boolq scores validation -> twin reads train; arc_easy scores test -> twin reads
+    validation); wikitext has no gold answer, so nothing is derived for it. Fails before: no twin, so
+    validation read the scored split."""
+    import yaml as pyyaml
+
+    from qpruner.evaluate import derived_tasks_dir, tasks_without_validation_split, validation_plan, validation_tasks
+
+    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"]}, "output": {"cache_dir": str(cache)}})
+    names, _ = validation_tasks(cfg)
+    assert names == ("boolq_val", "arc_easy_val", "wikitext")
+    derived = derived_tasks_dir(cfg.eval, cache)
+    assert pyyaml.safe_load((derived / "boolq_val.yaml").read_text())["test_split"] == "train"
+    assert pyyaml.safe_load((derived / "arc_easy_val.yaml").read_text())["test_split"] == "validation"
+    assert tasks_without_validation_split(cfg) == ["wikitext"]
+    assert "'train' split" in validation_plan(cfg)["boolq"]
