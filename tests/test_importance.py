@@ -24,6 +24,17 @@ def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
     assert scores == importance_task(cfg.to_dict(), str(path))  # deterministic
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small for two threads to pay off on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pruned(tiny_assets):
     """(model, tokenizer, cfg) of the builtin tiny model pruned by 30%: what `importance_task` scores."""
@@ -37,8 +48,8 @@ def pruned(tiny_assets):
 def test_disjoint_halves_of_the_docs_rank_the_layers_alike(pruned):
     """The first and second 25 validation docs of each tiny task give the same layer ranking.
 
-    Today's code scores the hidden state at the last prompt token against the gold label with the
-    per-layer gain, which ranks the layers differently on disjoint docs."""
+    Before this change the code scored the hidden state at the last prompt token against the gold
+    label with the per-layer gain, which ranks the layers differently on disjoint docs."""
     from scipy.stats import spearmanr
 
     from qpruner.importance import mi_importance
@@ -57,7 +68,7 @@ def test_disjoint_halves_of_the_docs_rank_the_layers_alike(pruned):
 def test_shuffling_the_prediction_across_docs_drives_the_estimate_to_zero(pruned):
     """I(last layer; Y) is clearly positive; with Y permuted across docs it is about 0.
 
-    Today's module has no `task_samples`/`mutual_information` (and its Y is the gold label)."""
+    Before this change there was no `task_samples`/`mutual_information` (and Y was the gold label)."""
     from qpruner.evaluate import load_tasks, validation_tasks
     from qpruner.importance import mutual_information, task_samples
 
@@ -88,7 +99,7 @@ def _colour_task(folder: Path, name: str, rows: list[dict]) -> str:
 def test_y_is_the_models_prediction_not_the_gold_label(pruned, tiny_assets, tmp_path):
     """The same docs with their gold labels permuted give the same samples and the same estimate.
 
-    Today's `labelled_prompts` takes Y from doc_to_target (the gold label), so the estimate moves."""
+    Before this change `labelled_prompts` took Y from doc_to_target (the gold label), so the estimate moves."""
     from qpruner.evaluate import load_tasks
     from qpruner.importance import layer_information, task_samples
 
@@ -125,8 +136,8 @@ def test_multiple_input_yes_no_and_rolling_tasks_work(tiny_assets, tmp_path):
     """lm-eval's own winogrande (multiple_input), boolq (yes/no) and wikitext (loglikelihood_rolling),
     reading invented rows through eval.local_data, give one positive score per layer.
 
-    Today's `labelled_prompts` raises ValueError on winogrande (doc_to_target is the shared continuation,
-    not in doc_to_choice) and has no case for wikitext's docs without choices."""
+    Before this change `labelled_prompts` raised ValueError on winogrande (doc_to_target is the shared
+    continuation, not in doc_to_choice) and had no case for wikitext's docs without choices."""
     from qpruner.evaluate import load_tasks, validation_tasks
     from qpruner.importance import mi_importance, task_samples
     from qpruner.model import load_model
