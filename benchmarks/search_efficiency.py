@@ -45,7 +45,7 @@ def build_table(raw: dict) -> dict:
 
     from qpruner.config import config_from_dict
     from qpruner.prune import prune_cached, pruned_layer_count
-    from qpruner.search import importance_task
+    from qpruner.importance import importance_task
 
     cfg = config_from_dict(raw)
     pruned = prune_cached(cfg, progress=False)

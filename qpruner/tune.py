@@ -215,7 +215,8 @@ def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict)
     ones, with per-layer ranks drawn the same way when ranks are searched (anchors keep lora.rank)."""
     import ray
 
-    from qpruner.search import config_from_bits, importance_task, initial_configs, initial_ranks, random_configs
+    from qpruner.importance import importance_task
+    from qpruner.search import config_from_bits, initial_configs, initial_ranks, random_configs
 
     search = cfg.search
     if search.init == "random":

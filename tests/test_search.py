@@ -194,18 +194,6 @@ def test_rank_search_accepts_bit_only_first_points(ray_local, tmp_path):
     assert bits_from_config(first.params, 2) == [8, 4] and ranks_from_config(first.params, 2) == [8, 8]  # lora.rank
 
 
-@pytest.mark.parametrize("method", ["mi", "quant_loss", "taylor"])
-def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
-    from qpruner.prune import prune_cached
-    from qpruner.search import importance_task
-
-    cfg = config_from_dict({"prune": {"ratio": 0.3}, "search": {"importance": method}})
-    path = prune_cached(cfg, progress=False).path
-    scores = importance_task(cfg.to_dict(), str(path))
-    assert len(scores) == 6 and all(np.isfinite(scores)) and min(scores) > 0 and len(set(scores)) > 1
-    assert scores == importance_task(cfg.to_dict(), str(path))  # deterministic
-
-
 def test_initial_ranks_give_important_layers_more_adapter_capacity():
     from qpruner.search import initial_ranks
 
