@@ -63,7 +63,8 @@ def run_recorded(cfg, pruned_path: str, bits: list[int]) -> dict:
     curve, started = [], time.perf_counter()
 
     def report(metrics: dict) -> None:
-        curve.append({"step": metrics["step"], "val_acc": metrics["val_acc"], "seconds": time.perf_counter() - started})
+        curve.append({"step": metrics["step"], "val_logprob": metrics["val_logprob"], "val_acc": metrics["val_acc"],
+                      "seconds": time.perf_counter() - started})
 
     result = run_trial(cfg, pruned_path, bits, report=report)
     return {"curve": curve, "accuracy": result["accuracy"], "memory_gb": result["memory_gb"],
@@ -99,10 +100,10 @@ def replay(config: dict, table: dict) -> None:
     from qpruner.search import bits_from_config
 
     row = table["rows"][",".join(map(str, bits_from_config(config, table["n_layers"])))]
-    for point in row["curve"]:
-        tune.report({"val_acc": point["val_acc"], "accuracy": point["val_acc"], "memory_gb": row["memory_gb"],
+    for point in row["curve"]:  # as run_trial reports: accuracy is the final test accuracy only
+        tune.report({"val_logprob": point["val_logprob"], "accuracy": None, "memory_gb": row["memory_gb"],
                      "seconds": point["seconds"], "step": point["step"], "final": False})
-    tune.report({"val_acc": row["curve"][-1]["val_acc"] if row["curve"] else 0.0, "accuracy": row["accuracy"],
+    tune.report({"val_logprob": row["curve"][-1]["val_logprob"] if row["curve"] else 0.0, "accuracy": row["accuracy"],
                  "memory_gb": row["memory_gb"], "seconds": row["seconds"], "step": table["max_steps"], "final": True})
 
 
@@ -128,7 +129,7 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
         from qpruner.tune import asha_max_t
 
         # as the search runs it: no rung at or after the last training step, survivors run to the end
-        scheduler = tune.schedulers.ASHAScheduler(metric="val_acc", mode="max", time_attr="training_iteration",
+        scheduler = tune.schedulers.ASHAScheduler(metric="val_logprob", mode="max", time_attr="training_iteration",
                                                   max_t=asha_max_t(cfg), grace_period=1, reduction_factor=2,
                                                   stop_last_trials=False)
     tuner = tune.Tuner(
@@ -206,7 +207,8 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="re-run phase 1 even if the table exists")
     parser.add_argument("--memory", choices=["weights", "peak"], default="weights", help="the memory objective")
     args = parser.parse_args()
-    if args.rebuild or not TABLE.is_file():
+    stale = TABLE.is_file() and "val_logprob" not in next(iter(json.loads(TABLE.read_text())["rows"].values()))["curve"][0]
+    if args.rebuild or stale or not TABLE.is_file():
         TABLE.parent.mkdir(parents=True, exist_ok=True)
         TABLE.write_text(json.dumps(build_table(tiny_recipe()), indent=0))
     table = json.loads(TABLE.read_text())
