@@ -118,8 +118,9 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     n = table["n_layers"]
     cfg = config_from_dict(tiny_recipe(search={"sampler": sampler, "seed": seed, "n_init": n_init,
                                                "init": "random" if init == "random" else "importance"}))
-    if init == "importance":
-        points = initial_configs(table["importance"], cfg.quant.bits, n_init, cfg.search.temperature, seed)
+    if init == "importance":  # as qpruner.tune.first_configs: memory budgets in the pruned layers' weight bytes
+        points = initial_configs(table["importance"], cfg.quant.bits, n_init, cfg.search.temperature, seed,
+                                 weight_fn=lambda b: table["rows"][",".join(map(str, b))]["weight_bytes"])
     elif init == "random":
         points = random_configs(n, cfg.quant.bits, n_init, seed)
     else:
@@ -130,8 +131,8 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
 
         # as the search runs it: no rung at or after the last training step, survivors run to the end
         scheduler = tune.schedulers.ASHAScheduler(metric="val_logprob", mode="max", time_attr="training_iteration",
-                                                  max_t=asha_max_t(cfg), grace_period=1, reduction_factor=2,
-                                                  stop_last_trials=False)
+                                                  max_t=asha_max_t(cfg), grace_period=cfg.search.asha.grace_period,
+                                                  reduction_factor=cfg.search.asha.reduction_factor, stop_last_trials=False)
     tuner = tune.Tuner(
         tune.with_parameters(replay, table=table),
         param_space=param_space(n, cfg.quant.bits),
@@ -148,6 +149,26 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
                     "accuracy": m["accuracy"], "memory_bytes": int(m["memory_gb"] * 1024**3), "seconds": m["seconds"],
                     "steps": m["step"]})
     return sorted(out, key=lambda r: r["trial_id"])
+
+
+def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
+    """tune_configs/tiny.yaml's own search (its sampler, first points, trial count, concurrency and ASHA) replayed
+    for `seeds` search seeds on the fine-tuning peak, as the default run minimises it: front size, trials
+    completed, repeated configurations."""
+    from qpruner.config import config_from_dict
+    from qpruner.pareto import pareto_mask
+
+    cfg = config_from_dict(tiny_recipe())
+    use_memory(table, "peak")
+    out = []
+    for seed in range(seeds):
+        trials = search_arm(table, "importance+TPE", cfg.search.asha.enabled, seed, cfg.search.num_samples, storage)
+        done = [t for t in trials if t["final"]]
+        front = sum(pareto_mask([t["accuracy"] for t in done], [t["memory_bytes"] for t in done]))
+        out.append({"seed": seed, "front": int(front), "completed": len(done), "stopped": len(trials) - len(done),
+                    "distinct_configs": len({tuple(t["bits"]) for t in trials}), "trials": len(trials)})
+        print(f"[search_efficiency] tiny.yaml replay seed {seed}: {out[-1]}", flush=True)
+    return {"runs": out, "min_front": min(r["front"] for r in out), "settings": tiny_recipe()["search"]}
 
 
 def hv_curve(trials: list[dict], ref: tuple[float, float]) -> list[tuple[int, float, float]]:
@@ -206,6 +227,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rebuild", action="store_true", help="re-run phase 1 even if the table exists")
     parser.add_argument("--memory", choices=["weights", "peak"], default="weights", help="the memory objective")
+    parser.add_argument("--default-seeds", type=int, default=0,
+                        help="only replay tiny.yaml's own search for this many seeds (front sizes) and stop")
     args = parser.parse_args()
     stale = TABLE.is_file() and "val_logprob" not in next(iter(json.loads(TABLE.read_text())["rows"].values()))["curve"][0]
     if args.rebuild or stale or not TABLE.is_file():
@@ -213,6 +236,13 @@ def main() -> None:
         TABLE.write_text(json.dumps(build_table(tiny_recipe()), indent=0))
     table = json.loads(TABLE.read_text())
     add_weight_bytes(table, tiny_recipe())
+    if args.default_seeds:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_result("search_default_run", {"model": "builtin:tiny (tabular replay of search_table_tiny.json)",
+                                                **default_run_fronts(table, args.default_seeds, Path(tmp))})
+        ray.shutdown()
+        return
     use_memory(table, args.memory)
     rows = list(table["rows"].values())
     ref = (min(r["accuracy"] for r in rows), 1.1 * max(r["memory_bytes"] for r in rows) / 1024**3)

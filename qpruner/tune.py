@@ -20,6 +20,7 @@ from ray.tune import Callback
 
 from qpruner.config import Config, config_from_dict, load_config
 from qpruner.errors import QPrunerError, ray_get
+from qpruner.pareto import TIMINGS
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
@@ -30,13 +31,21 @@ VALIDATION_RECORD = "validation.json"  # where each task's quick validation read
 # The trainable: one Tune trial = one call of qpruner.trial.run_trial.
 
 
-def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: int) -> None:
-    """Ray Tune function trainable: decode the bits from `config`, run the trial, report as it goes."""
+def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: int, out_dir: Optional[str] = None) -> None:
+    """Ray Tune function trainable: decode the bits from `config`, run the trial, report as it goes.
+
+    A trial that results.parquet already holds as finished (it ended just before a driver kill, after
+    Tune's last snapshot, so a resumed run starts it again) is answered from that row, not trained twice.
+    """
     from ray import tune
 
     from qpruner.search import bits_from_config, ranks_from_config
     from qpruner.trial import run_trial
 
+    recorded = recorded_result(Path(out_dir), tune.get_context().get_trial_id()) if out_dir else None
+    if recorded is not None:
+        tune.report(recorded)
+        return
     cfg = config_from_dict(cfg_dict)
     bits = bits_from_config(config, n_layers)
     ranks = ranks_from_config(config, n_layers)
@@ -44,6 +53,27 @@ def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: in
     keep = cfg.output.keep_adapters != "none"
     result = run_trial(cfg, pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir if keep else None)
     tune.report(result)
+
+
+RECORDED_KEYS = ("accuracy", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
+                 "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
+
+
+def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
+    """The last report of a trial that results.parquet holds as completed or stopped early (None otherwise),
+    shaped so that record_from_trial gives the same row back."""
+    import pyarrow.parquet as pq
+
+    path = out / "results.parquet"
+    rows = [r for r in pq.read_table(path).to_pylist() if r["trial_id"] == trial_id] if path.is_file() else []
+    if not rows or rows[0]["status"] not in ("completed", "stopped_early"):
+        return None
+    row = rows[0]
+    result = {k: row.get(k) for k in RECORDED_KEYS}
+    result.update(memory_gb=row["memory_gb"], final=row["status"] == "completed", answered_from_record=True,
+                  task_acc={c[4:]: row[c] for c in row if c.startswith("acc_") and not c.startswith("acc_norm_") and row[c] is not None},
+                  task_acc_norm={c[9:]: row[c] for c in row if c.startswith("acc_norm_") and row[c] is not None})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +121,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
         "steps": int(last.get("steps") or last.get("step") or 0),
         "max_steps": int(last.get("max_steps") or 0),
         "wall_seconds": float(last.get("time_total_s") or 0.0),
-        "timings": {k: last[k] for k in ("quantize_s", "loftq_s", "finetune_s", "eval_s") if k in last},
+        "timings": {k: last[k] for k in TIMINGS if last.get(k) is not None},
         "error": error,
         "started_at": float(getattr(trial.run_metadata, "start_time", None) or 0.0),
         "config": dict(trial.config),
@@ -253,7 +283,7 @@ def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resourc
     from qpruner.search import make_searcher, param_space
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial_trainable, cfg_dict=cfg.to_dict(), pruned_path=pruned_path, n_layers=n_layers),
+        tune.with_parameters(trial_trainable, cfg_dict=cfg.to_dict(), pruned_path=pruned_path, n_layers=n_layers, out_dir=str(out)),
         resources,
     )
     if restore:

@@ -157,7 +157,7 @@ def sample_records() -> list[dict]:
 
 EXPECTED_FIXED = [
     ("trial_id", "string"), ("status", "string"), ("bits", "list<element: int8>"), ("ranks", "list<element: int16>"),
-    ("accuracy", "double"), ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
+    ("accuracy", "double"), ("val_logprob", "double"), ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
     ("memory_source", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),

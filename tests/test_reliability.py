@@ -176,3 +176,37 @@ def test_debug_shows_the_traceback(tmp_path):
     path.write_text("prune:\n  ratio: 2\n")
     proc = run_cli(["qpruner.tune", "--config", str(path), "--debug"])
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_trial_finished_before_a_kill_is_answered_from_its_row_not_trained_again(tmp_path):
+    """A resumed run restarts a trial that finished after Tune's last snapshot; the trainable then reports
+    that trial's recorded row (recorded_result), which becomes the very same row again: nothing is trained
+    twice. Fails before: the trainable always trained."""
+    from types import SimpleNamespace
+
+    from qpruner.pareto import write_results
+    from qpruner.tune import record_from_trial, recorded_result
+
+    def row(trial_id, status, accuracy, steps):
+        return {"trial_id": trial_id, "status": status, "bits": [4, 8], "ranks": None, "accuracy": accuracy,
+                "task_acc": {"piqa": 0.6, "boolq": 0.7} if accuracy else {}, "task_acc_norm": {"piqa": 0.65} if accuracy else {},
+                "val_logprob": -0.8, "val_acc": 0.5, "memory_bytes": 1000, "memory_source": "estimated",
+                "weight_bytes": 400, "lora_bytes": 10, "peak_estimate_bytes": 1000, "peak_measured_bytes": None,
+                "train_loss": 1.2, "iterations": 2, "steps": steps, "max_steps": 40, "wall_seconds": 0.0,
+                "timings": {"quantize_s": 1.0, "loftq_s": 2.0, "finetune_s": 3.0, "eval_s": 4.0} if accuracy else {},
+                "error": None, "started_at": 5.0, "config": {"b0": 4, "b1": 8}}
+
+    rows = [row("done", "completed", 0.66, 40), row("early", "stopped_early", None, 10),
+            {**row("broke", "failed", None, 0), "error": "NaN"}]
+    write_results(rows, tmp_path, plot=False)
+    assert recorded_result(tmp_path, "broke") is None and recorded_result(tmp_path, "never") is None
+    columns = ("status", "accuracy", "task_acc", "task_acc_norm", "val_logprob", "val_acc", "memory_bytes", "weight_bytes",
+               "steps", "timings")
+    for original in rows[:2]:
+        result = recorded_result(tmp_path, original["trial_id"])
+        assert result["answered_from_record"]
+        trial = SimpleNamespace(trial_id=original["trial_id"], status="TERMINATED", config=original["config"],
+                                last_result={**result, "training_iteration": 1}, run_metadata=SimpleNamespace(start_time=5.0),
+                                error_file=None)
+        again = record_from_trial(trial)
+        assert {k: again[k] for k in columns} == {k: original[k] for k in columns}

@@ -154,7 +154,8 @@ def test_slimgpt_and_per_layer_ranks_end_to_end(tmp_path, tiny_assets):
     recorded in results.parquet, held by the trained adapters and carried by the export (rank_pattern)."""
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny_slimgpt_ranks.yaml").read_text())
     raw["search"].update(num_samples=4, concurrency=2, asha={"enabled": False}, n_init=2, baselines=[])
-    raw["finetune"].update(steps=10, report_every=5)
+    raw["finetune"].update(steps=10, report_every=5, val_limit=8)
+    raw["eval"]["limit"] = 40  # what is checked is where the ranks go, not the accuracy: a short evaluation
     raw["output"]["keep_adapters"] = "all"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
