@@ -61,6 +61,10 @@ def trial_of(worker: psutil.Process) -> str | None:
 
 def test_killed_driver_resumes_and_a_killed_worker_is_isolated(tmp_path, tiny_assets, make_recipe):
     cfg = make_recipe(num_samples=8, concurrency=2)
+    raw = yaml.safe_load(cfg.read_text())  # shorter trials: what is checked is what survives the kills
+    raw["finetune"].update(steps=20)
+    raw["eval"]["limit"] = 60
+    cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
     args = ["--config", str(cfg), "--out", str(out), "--no-dashboard"]
     first = start(args, tmp_path / "first.log")
