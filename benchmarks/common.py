@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("QPRUNER_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")  # override: smoke runs
 
 
 def machine() -> dict:

@@ -368,7 +368,7 @@ def gold_index(task, doc: dict) -> int:
 
 def gold_scores(lm: "HFLM", instances: list, golds: list[int]) -> tuple[float, float]:
     """(mean gold log-probability, accuracy) of one task's requests under the current weights."""
-    with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
+    with eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
         results = lm.loglikelihood(instances, disable_tqdm=True)
     per_doc: dict[int, list] = {}
     for inst, gold, (ll, greedy) in zip(instances, golds, results):
@@ -419,7 +419,7 @@ def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> "HFLM":
     """lm-eval's HFLM around the in-memory model (a PeftModel works as is): nothing is saved to disk."""
     from lm_eval.models.huggingface import HFLM  # imported here: it pulls in most of transformers (~2 s)
 
-    with _eval_mode(model), quiet_lm_eval(level=logging.ERROR):  # it warns that a model object was passed: intended
+    with eval_mode(model), quiet_lm_eval(level=logging.ERROR):  # it warns that a model object was passed: intended
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
@@ -434,7 +434,7 @@ def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: 
     from lm_eval import evaluator
 
     samples = doc_windows(task_dict, limit, skip) if skip and set(skip) & set(task_dict["tasks"]) else None
-    with _eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
+    with eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
         out = evaluator.evaluate(lm=lm, task_dict=task_dict, limit=None if samples else limit, samples=samples,
                                  bootstrap_iters=100 if stderr else 0, log_samples=False)
     scores = {}
@@ -492,7 +492,7 @@ def _metric(metrics: dict, name: str) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Evaluate without dropout, then give the model back in the mode it had (mid-training validation)."""
     was_training = model.training
     model.eval()

@@ -53,16 +53,19 @@ def run_trial(
     report: Optional[Report] = None,
     adapter_dir: Optional[str | Path] = None,
     progress: bool = False,
+    measure: Optional[Callable[[torch.nn.Module, object], dict]] = None,
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
     `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_logprob
     (ASHA's signal: see qpruner.evaluate.make_validator), val_acc, `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
     peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
+    `measure`, if given, is called as measure(trained peft model, tokenizer) in eval mode after the evaluation; its dict
+    joins the result as "measured" (benchmarks use it for perplexity on text that lm-eval does not hold).
     """
     from peft import get_peft_model
 
-    from qpruner.evaluate import evaluate_model, held_out_docs, make_validator
+    from qpruner.evaluate import eval_mode, evaluate_model, held_out_docs, make_validator
     from qpruner.finetune import finetune
     from qpruner.loftq import apply_loftq_adapters, loftq_for_model
     from qpruner.memory import memory_report, weight_storage
@@ -110,6 +113,10 @@ def run_trial(
     ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
     timings["eval_s"] = time.perf_counter() - t
 
+    measured = None
+    if measure is not None:
+        with eval_mode(peft_model), torch.no_grad():
+            measured = measure(peft_model, tokenizer)
     memory = memory_report(peft_model, bits, cfg, device=device)  # measured peak now includes training
     if adapter_dir is not None:
         save_adapter(peft_model, bits, ranks, adapter_dir)
@@ -138,6 +145,7 @@ def run_trial(
         "wall_seconds": time.time() - started,
         **timings,
         "final": True,
+        **({"measured": measured} if measured is not None else {}),
     }
 
 

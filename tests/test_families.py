@@ -204,7 +204,12 @@ def test_exported_adapter_reloads_to_the_trials_accuracy(family, tied, make_fold
         "eval": {"limit": 24}, "output": {"cache_dir": str(cache)},
     })
     pruned = prune_cached(cfg, progress=False).path
-    result = run_trial(cfg, pruned, [4, 8, 16, 4], adapter_dir=tmp_path / "adapter")
+    def text_loss(model, tokenizer):  # run_trial's `measure` hook: a figure of the trained model
+        ids = tokenizer("the cat sat on the mat and looked at the dog", return_tensors="pt").input_ids
+        return {"loss": float(model(input_ids=ids, labels=ids).loss), "training": model.training}
+
+    result = run_trial(cfg, pruned, [4, 8, 16, 4], adapter_dir=tmp_path / "adapter", measure=text_loss)
+    assert result["measured"]["training"] is False
     out = export_trial(cfg, pruned, tmp_path / "adapter", {**result, "trial_id": "t0"}, tmp_path / "export")
     spec = importlib.util.spec_from_file_location(f"load_qpruner_{family}", out / "load_qpruner.py")
     standalone = importlib.util.module_from_spec(spec)
@@ -213,6 +218,9 @@ def test_exported_adapter_reloads_to_the_trials_accuracy(family, tied, make_fold
     assert model.base_model.model.config.model_type == family
     reloaded = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cache)
     assert reloaded["mean_acc"] == pytest.approx(result["accuracy"], abs=1e-9)
+    model.eval()
+    with torch.no_grad():  # what `measure` saw is the trained, quantized model the export reloads
+        assert text_loss(model, tokenizer)["loss"] == pytest.approx(result["measured"]["loss"], rel=1e-5)
 
 
 def save_pickled(model, folder: Path) -> None:

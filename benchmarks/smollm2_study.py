@@ -1,0 +1,266 @@
+"""The paper's claims on a real model: SmolLM2-135M-Instruct, the seven zero-shot tasks, Alpaca recovery.
+
+One part per run, each resumable (every finished cell is written to its results file at once and a
+rerun skips it), each sized to finish within about an hour on 2 CPU cores:
+
+    python -m benchmarks.smollm2_study table1 --ratio 0.2     # results/smollm2_table1_20.json
+    python -m benchmarks.smollm2_study table1 --ratio 0.5     # results/smollm2_table1_50.json
+    python -m benchmarks.smollm2_study ablations              # results/smollm2_ablations.json
+    python -m benchmarks.smollm2_study pruners                # results/smollm2_pruners.json
+    python -m benchmarks.smollm2_study pricing                # results/smollm2_pricing.json (analytic)
+
+Table 1 rows on one pruned model (LLM-Pruner-style Taylor, calibrated on Pride and Prejudice):
+the unpruned model; LLM-Pruner + LoRA at 16 bits; QPruner-1 = uniform 4-bit LoftQ; QPruner-2 = the
+first MI-drawn mixed 4/8 configuration (qpruner.search.initial_configs on the measured MI, as the
+search's first non-anchor point); QPruner-3 = the most accurate and the cheapest mixed configuration on
+the front of a qpruner search (TPE, importance init, ASHA), re-trained once with the search's own
+fine-tuning seed so that their perplexity is measured too. Per row: each task's paper metric (acc_norm
+for HellaSwag, ARC-e/c, OBQA, PIQA; acc elsewhere) on the first `--limit` documents, lm-eval's
+standard errors, WikiText-2 test perplexity (first `--chunks` windows of 512 tokens), exact weight
+bytes and the estimated fine-tuning peak (measured on CUDA). Quick validation reads the last
+`--val-docs` documents of each task file (eval.val_data), never the scored ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, real_inputs, recipe, tokenized_wikitext, \
+    wikitext_ppl, zero_shot
+
+
+def settings(args) -> dict:
+    """The budget every row of a part shares, written into its results."""
+    return {"limit": args.limit, "val_docs": args.val_docs, "steps": args.steps, "batch_size": 8, "max_length": 256,
+            "report_every": args.report_every, "lora_rank": 8, "ppl_windows": f"{args.chunks} x 512 tokens",
+            "search_trials": args.trials, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0}
+
+
+def val_files(inputs: dict, cache: Path, n: int) -> dict[str, str]:
+    """The last n rows of each task file, for eval.val_data: validation disjoint from the scored first rows."""
+    out = cache / "val_tail"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for task in TASKS:
+        rows = Path(inputs["files"][task]).read_text().splitlines()
+        path = out / f"{task}-last{n}.jsonl"
+        path.write_text("\n".join(rows[-n:]) + "\n")
+        files[task] = str(path)
+    return files
+
+
+class Study:
+    """The shared state of one part: inputs, cache, recipe, tokenized WikiText-2 and the cells."""
+
+    def __init__(self, name: str, args, cache: Path):
+        self.args, self.cache, self.inputs = args, cache, real_inputs()
+        self.cells = Cells(name, {"model": MODEL, "model_origin": ORIGIN, "data": data_files(self.inputs),
+                                  "settings": settings(args)})
+        self.val = val_files(self.inputs, cache, args.val_docs)
+        self._ids = None
+
+    def raw(self, **sections) -> dict:
+        a = self.args
+        base = recipe(self.inputs, self.cache, a.limit,
+                      finetune={"steps": a.steps, "report_every": a.report_every, "val_limit": a.val_docs},
+                      quant={"bits": [4, 8, 16]}, search={"baselines": []})
+        base["eval"]["val_data"] = self.val
+        for name, values in sections.items():
+            base[name] = {**base.get(name, {}), **values}
+        return base
+
+    def ids(self, tokenizer):
+        if self._ids is None:
+            self._ids = tokenized_wikitext(tokenizer, self.inputs["wikitext"])
+        return self._ids
+
+    def ppl(self, model, tokenizer) -> dict:
+        return {"wikitext2_ppl": wikitext_ppl(model, self.ids(tokenizer), 512, self.args.chunks)}
+
+    def zero_shot_row(self, model, tokenizer) -> dict:
+        return {**zero_shot(model, tokenizer, self.inputs["files"], self.args.limit, cache=self.cache),
+                **self.ppl(model, tokenizer)}
+
+    def prune(self, **prune) -> "object":
+        from qpruner.config import config_from_dict
+        from qpruner.prune import prune_cached
+
+        return prune_cached(config_from_dict(self.raw(prune=prune)), progress=False)
+
+    def trial(self, pruned_path: str, bits: list[int], **sections) -> dict:
+        """One qpruner trial (quantize, LoftQ, fine-tune, evaluate) plus perplexity; the row's figures."""
+        from benchmarks.smollm2 import stderr
+        from qpruner.config import config_from_dict
+        from qpruner.trial import run_trial
+
+        cfg = config_from_dict(self.raw(**sections))
+        r = run_trial(cfg, pruned_path, bits, measure=self.ppl)
+        tasks = {}
+        for t in TASKS:
+            n = self.args.limit
+            acc, norm = r["task_acc"][t], r["task_acc_norm"].get(t)
+            tasks[t] = {"acc": acc, "acc_stderr": stderr(acc, n), "acc_norm": norm, "acc_norm_stderr": stderr(norm, n), "n_docs": n}
+        from benchmarks.smollm2 import paper_mean_stderr
+
+        return {"bits": r["bits"], "tasks": tasks, "mean": r["accuracy"], "mean_stderr": paper_mean_stderr(tasks),
+                **r["measured"], "weight_bytes": r["weight_bytes"], "lora_bytes": r["lora_bytes"],
+                "peak_estimate_bytes": r["peak_estimate_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
+                "memory_source": r["memory_source"], "train_loss": r["train_loss"], "val_logprob": r.get("val_logprob"),
+                "seconds": {k: round(r[k], 1) for k in ("loftq_s", "finetune_s", "eval_s", "wall_seconds") if k in r}}
+
+
+def n_layers(path) -> int:
+    return json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
+
+
+def mi_first_mixed(study: Study, pruned, method: str = "mi") -> tuple[list[float], list[int]]:
+    """The pruned model's layer importance and the search's first importance-drawn (non-anchor) configuration."""
+    from qpruner.config import config_from_dict
+    from qpruner.importance import importance_task
+    from qpruner.memory import shapes_from_config, weight_bytes
+    from qpruner.search import initial_configs
+
+    cfg = config_from_dict(study.raw(search={"importance": method}, quant={"bits": [4, 8]}))
+    importance = importance_task(cfg.to_dict(), str(pruned.path))
+    shapes = shapes_from_config(json.loads((Path(pruned.path) / "config.json").read_text()))
+    configs = initial_configs(importance, cfg.quant.bits, cfg.search.n_init, cfg.search.temperature, cfg.search.seed,
+                              weight_fn=lambda b: weight_bytes(shapes, b, cfg.quant)["total"])
+    return importance, configs[2]
+
+
+def search_picks(study: Study, ratio: float) -> dict:
+    """A qpruner search on the pruned model; its trials and the mixed configurations the table re-trains."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.common import run_search
+
+    raw = study.raw(prune={"ratio": ratio}, quant={"bits": [4, 8]},
+                    search={"num_samples": study.args.trials, "n_init": 2, "concurrency": 1, "sampler": "tpe"})
+    out = study.cache / "runs" / f"search-{ratio}"
+    seconds = run_search(raw, out, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    front = pq.read_table(out / "pareto.parquet").to_pylist()
+    trials = [{"bits": list(r["bits"]), "status": r["status"], "accuracy": r["accuracy"], "memory_gb": r["memory_gb"],
+               "weight_bytes": r["weight_bytes"]} for r in rows]
+    mixed = [r for r in front if len(set(r["bits"])) > 1]
+    picks = {}
+    if mixed:
+        picks["QPruner-3 (most accurate mixed on the front)"] = list(max(mixed, key=lambda r: r["accuracy"])["bits"])
+        cheapest = list(min(mixed, key=lambda r: r["memory_bytes"])["bits"])
+        if cheapest not in picks.values():
+            picks["QPruner-3 (cheapest mixed on the front)"] = cheapest
+    return {"seconds": seconds, "trials": trials, "front": [list(r["bits"]) for r in front], "picks": picks}
+
+
+def table1(args, cache: Path) -> None:
+    from qpruner.model import load_model
+
+    ratio = args.ratio
+    study = Study(f"smollm2_table1_{round(ratio * 100)}", args, cache)
+    cells = study.cells
+
+    def unpruned():
+        model, tok = load_model(str(study.inputs["gguf"]), "float32", cache)
+        from qpruner.memory import weight_bytes
+        from qpruner.config import config_from_dict
+
+        n = model.config.num_hidden_layers
+        return {**study.zero_shot_row(model, tok),
+                "weight_bytes": weight_bytes(model, [16] * n, config_from_dict(study.raw()).quant)["total"]}
+
+    cells.run("unpruned", unpruned)
+    pruned = study.prune(ratio=ratio)
+    cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
+                                 "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds})
+    n = n_layers(pruned.path)
+    path = str(pruned.path)
+    cells.run("LLM-Pruner + LoRA (16-bit)", lambda: study.trial(path, [16] * n))
+    cells.run("QPruner-1 (uniform 4-bit LoftQ)", lambda: study.trial(path, [4] * n))
+    mi = cells.run("mi importance", lambda: dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned))))
+    cells.run("QPruner-2 (MI-initialised mixed 4/8)", lambda: study.trial(path, mi["first_mixed"]))
+    if args.trials:
+        search = cells.run("search", lambda: search_picks(study, ratio))
+        done = {tuple(v["bits"]): v for k, v in cells.payload["cells"].items() if isinstance(v, dict) and "bits" in v and "tasks" in v}
+        for name, bits in search["picks"].items():
+            cells.run(name, lambda: done.get(tuple(bits)) or study.trial(path, bits))
+    cells.save(complete=True)
+
+
+def ablations(args, cache: Path) -> None:
+    """Table 2 in spirit, at 20% on uniform 4 bits: NF4 vs FP4, LoftQ vs plain LoRA init, LoftQ 1 vs 4 iterations;
+    and importance by MI vs quant_loss vs taylor, judged by the first configuration each draws."""
+    study = Study("smollm2_ablations", args, cache)
+    pruned = study.prune(ratio=0.2)
+    n, path = n_layers(pruned.path), str(pruned.path)
+    arms = {"NF4, LoftQ 1 iter": {}, "FP4, LoftQ 1 iter": {"quant": {"quant_type": "fp4"}},
+            "NF4, plain LoRA (no LoftQ)": {"lora": {"loftq_iters": 0}}, "NF4, LoftQ 4 iters": {"lora": {"loftq_iters": 4}}}
+    for name, sections in arms.items():
+        study.cells.run(name, lambda: {"settings": sections, **study.trial(path, [4] * n, **sections)})
+    for method in ("mi", "quant_loss", "taylor"):
+        imp = study.cells.run(f"importance: {method}", lambda: dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
+        study.cells.run(f"first configuration of {method}", lambda: study.trial(path, imp["first_mixed"]))
+    study.cells.save(complete=True)
+
+
+def pruners(args, cache: Path) -> None:
+    """Taylor vs SlimGPT vs random groups (3 seeds) at 20%: perplexity and accuracy before and after recovery (uniform 4-bit)."""
+    from qpruner.prune import load_pruned
+
+    study = Study("smollm2_pruners", args, cache)
+    calibration = study.raw()["prune"]["calibration"]  # random pruning draws from calibration.seed
+    arms = {"taylor": {"method": "taylor"}, "slimgpt": {"method": "slimgpt"},
+            **{f"random seed {s}": {"method": "random", "calibration": {**calibration, "seed": s}} for s in range(3)}}
+    for name, prune in arms.items():
+        pruned = study.prune(ratio=0.2, **prune)
+
+        def before():
+            model, tok = load_pruned(pruned.path)
+            return {"params_after": pruned.params_after, "prune_seconds": pruned.seconds, **study.zero_shot_row(model, tok)}
+
+        study.cells.run(f"{name}: before recovery", before)
+        if not args.no_recovery:
+            study.cells.run(f"{name}: after recovery (uniform 4-bit LoftQ)", lambda: study.trial(str(pruned.path), [4] * n_layers(pruned.path)))
+    study.cells.save(complete=True)
+
+
+def pricing(args, cache: Path) -> None:
+    """The bit patterns of the Table 1 files priced on LLaMA-7B shapes pruned like the paper (analytic)."""
+    from benchmarks.common import RESULTS, write_result
+    from benchmarks.paper_comparison import PAPER, llama7b_memory
+
+    out = {}
+    for ratio in (0.2, 0.5):
+        path = RESULTS / f"smollm2_table1_{round(ratio * 100)}.json"
+        if not path.is_file():
+            continue
+        cells = json.loads(path.read_text())["cells"]
+        patterns = {k: v["bits"] for k, v in cells.items() if isinstance(v, dict) and "bits" in v and "tasks" in v}
+        out[f"{ratio:.0%}"] = llama7b_memory(ratio, patterns)
+    write_result("smollm2_pricing", {"model": "LLaMA-7B shapes (no weights) pruned as the paper prunes it; patterns from "
+                                              "the SmolLM2 Table 1 files, stretched over 32 layers by depth",
+                                     "paper": PAPER, "ratios": out})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["table1", "ablations", "pruners", "pricing"])
+    parser.add_argument("--ratio", type=float, default=0.2, help="table1: pruning ratio of all parameters")
+    parser.add_argument("--limit", type=int, default=100, help="scored documents per task (the first ones)")
+    parser.add_argument("--val-docs", type=int, default=16, help="quick-validation documents per task (the last ones)")
+    parser.add_argument("--steps", type=int, default=20, help="LoRA steps of 8 Alpaca records")
+    parser.add_argument("--report-every", type=int, default=10)
+    parser.add_argument("--chunks", type=int, default=40, help="WikiText-2 windows of 512 tokens")
+    parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
+    parser.add_argument("--no-recovery", action="store_true", help="pruners: only the before-recovery rows")
+    parser.add_argument("--cache", default=None, help="qpruner cache (default ~/.cache/qpruner)")
+    args = parser.parse_args()
+    from qpruner.config import default_cache_dir
+
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    {"table1": table1, "ablations": ablations, "pruners": pruners, "pricing": pricing}[args.part](args, cache)
+
+
+if __name__ == "__main__":
+    main()
