@@ -274,7 +274,8 @@ def held_out_docs(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict[s
         return {}
     _, paths = resolve_tasks(cfg.eval, cache_dir)
     leaves = load_tasks(tuple(own), tuple(paths))["tasks"]  # a group's subtasks each hold out their own docs
-    return {name: cfg.finetune.val_limit for name in leaves}
+    # perplexity tasks (wikitext) have no gold answer, are never validated, and so keep every document
+    return {name: cfg.finetune.val_limit for name, task in leaves.items() if task.OUTPUT_TYPE in VALIDATED_TYPES}
 
 
 def validation_plan(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict[str, str]:
@@ -290,10 +291,22 @@ def validation_plan(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict
             plan[name] = f"its {split_twin_source(name)!r} split (the final score reads another)"
         elif name in twins:
             plan[name] = f"its held-out twin {twins[name]}"
+        elif declared_output_type(name, paths) not in (None, *VALIDATED_TYPES):
+            plan[name] = "not validated (no gold answer to score); every document counts in the final score"
         else:
             plan[name] = (f"its first {cfg.finetune.val_limit} documents, held out of the final score "
                           "(no other split is available)")
     return plan
+
+
+def declared_output_type(name: str, include_paths: Sequence[str]) -> Optional[str]:
+    """The output_type a task's YAML declares (includes merged), read from lm-eval's index without loading data."""
+    entry = task_manager(tuple(include_paths)).task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        return None
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(entry.yaml_path, resolve_func=False, recursive=True).get("output_type")
 
 
 def _val_twins(cfg: Config, names: Sequence[str], paths: Sequence[str]) -> dict[str, str]:

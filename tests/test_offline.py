@@ -270,16 +270,18 @@ def test_a_task_without_another_split_holds_its_validation_docs_out_of_the_final
 
     rows = [dict(ROWS["arc_easy"][i % 2], id=f"e{i}") for i in range(5)]
     arc = write_rows(tmp_path / "arc_easy.jsonl", rows)
-    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": str(arc)},
-                                     "val_data": {"boolq": fixtures["boolq"]}}, "finetune": {"val_limit": 2}})
-    assert held_out_docs(cfg) == {"arc_easy": 2}
+    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": str(arc),
+                                     "wikitext": fixtures["wikitext"]}, "val_data": {"boolq": fixtures["boolq"]}}, "finetune": {"val_limit": 2}})
+    assert held_out_docs(cfg) == {"arc_easy": 2}  # wikitext has no gold answer: never validated, nothing held out
     plan = validation_plan(cfg)
     assert "held out of the final score" in plan["arc_easy"] and "val_data" in plan["boolq"]
+    assert plan["wikitext"].startswith("not validated")
     instances, _ = gold_requests(validated_tasks(cfg)["arc_easy"], cfg.finetune.val_limit)
     assert {i.doc_id for i in instances} == {0, 1}
     model, tok = load_model(str(tiny_assets.model_dir))
     scores = evaluate_model(model, tok, cfg.eval, skip=held_out_docs(cfg))["tasks"]
     assert scores["arc_easy"]["n_docs"] == 3 and scores["boolq"]["n_docs"] == 2
+    assert scores["wikitext"]["n_docs"] == len(ROWS["wikitext"])
     assert evaluate_model(model, tok, cfg.eval, limit=1, skip=held_out_docs(cfg))["tasks"]["arc_easy"]["n_docs"] == 1
     cfg.finetune.val_limit = 5
     with pytest.raises(ConfigError, match=r"finetune\.val_limit: .*arc_easy.* leaving none"):
