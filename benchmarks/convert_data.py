@@ -133,6 +133,15 @@ def default_out() -> Path:
     return Path(os.environ.get("QPRUNER_CACHE", "~/.cache/qpruner")).expanduser() / "benchmark_data"
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Replace `path` atomically, and only when its text changes: a study running beside may be reading it."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def convert(out: Path, tasks=TASKS) -> dict[str, str]:
     """Write <out>/<task>.jsonl for each task; returns {task: file} (an eval.local_data mapping)."""
     src = shared_data()
@@ -141,7 +150,7 @@ def convert(out: Path, tasks=TASKS) -> dict[str, str]:
     for task in tasks:
         rows = CONVERTERS[task](src)
         path = out / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_if_changed(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         files[task] = str(path)
         print(f"{task}: {len(rows)} rows -> {path}", file=sys.stderr)
     return files

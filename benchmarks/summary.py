@@ -10,6 +10,7 @@ from benchmarks.common import RESULTS
 
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SMOL_START, SMOL_END = "<!-- smollm2:start -->", "<!-- smollm2:end -->"
 
 
 def load(name: str) -> dict | None:
@@ -87,6 +88,62 @@ def gpu_rows(r: dict) -> list[str]:
     return [f"| 4. GPU memory, LLaMA-7B shape at 20% | {cells}; paper {r['paper_gb']} | {machine(r)} |"]
 
 
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+SHORT = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.", "arc_easy": "ARC-e",
+         "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+
+
+def paper_metric(task: str, score: dict) -> tuple[float, float | None]:
+    """(value, stderr) of the metric the papers report for this task (acc_norm for HellaSwag, ARC, OBQA, PIQA)."""
+    from qpruner.evaluate import task_metric
+
+    metric = task_metric(task, "paper", score)
+    return score[metric], score.get(f"{metric}_stderr")
+
+
+def task_cells(zs: dict) -> str:
+    cells = [f"{paper_metric(t, zs['tasks'][t])[0]:.3f}" for t in PAPER_TASKS]
+    return " | ".join(cells) + f" | **{zs['mean']:.3f}** ± {zs['mean_stderr']:.3f}"
+
+
+def smollm2_tables() -> str:
+    """The SmolLM2-135M tables (Table 1 per ratio, APT): per-task paper metric, mean ± se, perplexity, memory."""
+    head = " | ".join(SHORT[t] for t in PAPER_TASKS)
+    out = []
+    for ratio in (20, 50):
+        r = load(f"smollm2_table1_{ratio}")
+        if not r:
+            out += [f"Table 1 at {ratio}%: not run yet.", ""]
+            continue
+        s, pruned = r["settings"], r["cells"].get("pruned") or {}
+        count = lambda k: f"{pruned[k]:,}" if k in pruned else "?"  # noqa: E731
+        out += [f"**Table 1, {ratio}% pruned** ({count('params_after')} parameters left of "
+                f"{count('params_before')}; first {s['limit']} documents per task, "
+                f"{s['steps']} LoRA steps x 8 Alpaca records, WikiText-2 {s['ppl_windows']}; {machine(r)})", "",
+                f"| row | {head} | mean ± se | WikiText-2 ppl | weights MiB | fine-tune peak GiB (est.) |",
+                "| --- |" + " --- |" * (len(PAPER_TASKS) + 4)]
+        for name, c in r["cells"].items():
+            if "tasks" not in c:
+                continue
+            peak = c.get("peak_measured_bytes") or c.get("peak_estimate_bytes")
+            out.append(f"| {name} | {task_cells(c)} | {c['wikitext2_ppl']:.1f} | {c['weight_bytes'] / 2**20:.0f} | "
+                       f"{'-' if peak is None else f'{peak / 2**30:.2f}'} |")
+        out.append("")
+    r = load("apt_sparsity")
+    if r:
+        out += [f"**Post-training sparsity, no retraining** (first {r['zero_shot']['limit']} documents per task; WikiText-2 "
+                f"{r['perplexity']['chunks']} x {r['perplexity']['window']} tokens; calibration {r['calibration']['n_samples']} x "
+                f"{r['calibration']['seq_len']} tokens of gutenberg 1342; {machine(r)})", "",
+                f"| method | sparsity | {head} | mean ± se | WikiText-2 ppl | prune s/layer |",
+                "| --- | --- |" + " --- |" * (len(PAPER_TASKS) + 3)]
+        for c in r["cells"].values():
+            spl = c.get("seconds_per_layer")
+            out.append(f"| {c['method']} | {c['sparsity']} | {task_cells(c['zero_shot'])} | {c['wikitext2_ppl']:.1f} | "
+                       f"{'-' if spl is None else f'{spl:.1f}'} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def table() -> str:
     lines = ["| study | result | machine, date |", "| --- | --- | --- |"]
     for name, rows in (("paper_comparison", paper_rows), ("search_efficiency", search_rows), ("overheads", overhead_rows),
@@ -97,12 +154,13 @@ def table() -> str:
 
 
 def main() -> None:
-    text = table()
-    print(text)
     readme = README.read_text()
-    if START in readme and END in readme:
-        head, rest = readme.split(START, 1)
-        README.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    for (start, end), text in (((START, END), table()), ((SMOL_START, SMOL_END), smollm2_tables())):
+        print(text)
+        if start in readme and end in readme:
+            head, rest = readme.split(start, 1)
+            readme = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    README.write_text(readme)
 
 
 if __name__ == "__main__":

@@ -301,12 +301,12 @@ def validation_plan(cfg: Config, cache_dir: Optional[str | Path] = None) -> dict
 
 def declared_output_type(name: str, include_paths: Sequence[str]) -> Optional[str]:
     """The output_type a task's YAML declares (includes merged), read from lm-eval's index without loading data."""
-    entry = task_manager(tuple(include_paths)).task_index.get(name)
+    entry = _manager_for([name], tuple(include_paths)).task_index.get(name)
     if entry is None or entry.yaml_path is None:
         return None
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(entry.yaml_path, resolve_func=False, recursive=True).get("output_type")
+    return load_yaml(entry.yaml_path, resolve_func=False, recursive=True).get("output_type", "generate_until")  # lm-eval's default
 
 
 def _val_twins(cfg: Config, names: Sequence[str], paths: Sequence[str]) -> dict[str, str]:
