@@ -28,8 +28,9 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, real_inputs, recipe, tokenized_wikitext, \
-    wikitext_ppl, zero_shot
+from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, paper_mean_stderr, real_inputs, recipe, stderr, \
+    tokenized_wikitext, wikitext_ppl, zero_shot
+from qpruner.prune import pruned_layer_count
 
 
 def settings(args) -> dict:
@@ -99,7 +100,6 @@ class Study:
 
     def trial(self, pruned_path: str, bits: list[int], **sections) -> dict:
         """One qpruner trial (quantize, LoftQ, fine-tune, evaluate) plus perplexity; the row's figures."""
-        from benchmarks.smollm2 import stderr
         from qpruner.config import config_from_dict
         from qpruner.trial import run_trial
 
@@ -110,17 +110,11 @@ class Study:
             n = min(self.args.limit, self.rows[t])  # documents scored (the first ones)
             acc, norm = r["task_acc"][t], r["task_acc_norm"].get(t)
             tasks[t] = {"acc": acc, "acc_stderr": stderr(acc, n), "acc_norm": norm, "acc_norm_stderr": stderr(norm, n), "n_docs": n}
-        from benchmarks.smollm2 import paper_mean_stderr
-
         return {"bits": r["bits"], "tasks": tasks, "mean": r["accuracy"], "mean_stderr": paper_mean_stderr(tasks),
                 **r["measured"], "weight_bytes": r["weight_bytes"], "lora_bytes": r["lora_bytes"],
                 "peak_estimate_bytes": r["peak_estimate_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
                 "memory_source": r["memory_source"], "train_loss": r["train_loss"], "val_logprob": r.get("val_logprob"),
                 "seconds": {k: round(r[k], 1) for k in ("loftq_s", "finetune_s", "eval_s", "wall_seconds") if k in r}}
-
-
-def n_layers(path) -> int:
-    return json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
 
 
 def mi_first_mixed(study: Study, pruned, method: str = "mi") -> tuple[list[float], list[int]]:
@@ -196,7 +190,7 @@ def table1(args, cache: Path) -> None:
     pruned = study.prune(ratio=ratio)
     cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
                                  "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds})
-    n = n_layers(pruned.path)
+    n = pruned_layer_count(pruned.path)
     path = str(pruned.path)
     cells.run("LLM-Pruner + LoRA (16-bit)", lambda: study.trial(path, [16] * n))
     cells.run("QPruner-1 (uniform 4-bit LoftQ)", lambda: study.trial(path, [4] * n))
@@ -215,7 +209,7 @@ def ablations(args, cache: Path) -> None:
     and importance by MI vs quant_loss vs taylor, judged by the first configuration each draws."""
     study = Study("smollm2_ablations", args, cache)
     pruned = study.prune(ratio=0.2)
-    n, path = n_layers(pruned.path), str(pruned.path)
+    n, path = pruned_layer_count(pruned.path), str(pruned.path)
     arms = {"NF4, LoftQ 1 iter": {}, "FP4, LoftQ 1 iter": {"quant": {"quant_type": "fp4"}},
             "NF4, plain LoRA (no LoftQ)": {"lora": {"loftq_iters": 0}}, "NF4, LoftQ 4 iters": {"lora": {"loftq_iters": 4}}}
     for name, sections in arms.items():
@@ -243,7 +237,7 @@ def pruners(args, cache: Path) -> None:
 
         study.cells.run(f"{name}: before recovery", before)
         if not args.no_recovery:
-            study.cells.run(f"{name}: after recovery (uniform 4-bit LoftQ)", lambda: study.trial(str(pruned.path), [4] * n_layers(pruned.path)))
+            study.cells.run(f"{name}: after recovery (uniform 4-bit LoftQ)", lambda: study.trial(str(pruned.path), [4] * pruned_layer_count(pruned.path)))
     study.cells.save(complete=True)
 
 
