@@ -53,21 +53,23 @@ def tiny_recipe(**sections) -> dict:
 
 
 def run_search(raw: dict, out: Path, env: dict | None = None) -> float:
-    """`python -m qpruner.tune` on this recipe into `out` (replacing it); returns wall seconds."""
+    """`python -m qpruner.tune` on this recipe into `out` (replacing it); returns wall seconds. Its output
+    goes to `<out>.log` as it runs (tail -f it to watch a long search)."""
     import subprocess
     import sys
 
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    recipe = out.parent / f"{out.name}.yaml"
+    recipe, log = out.parent / f"{out.name}.yaml", out.parent / f"{out.name}.log"
     recipe.write_text(yaml.safe_dump(raw))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "qpruner.tune", "--config", str(recipe), "--out", str(out),
-                           "--overwrite", "--no-dashboard"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    with log.open("w") as sink:
+        proc = subprocess.run([sys.executable, "-m", "qpruner.tune", "--config", str(recipe), "--out", str(out),
+                               "--overwrite", "--no-dashboard"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        raise RuntimeError(f"search failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"search failed (see {log}): {log.read_text()[-2000:]}")
     return time.perf_counter() - started
 
 

@@ -12,9 +12,10 @@ rerun skips it), each sized to finish within about an hour on 2 CPU cores:
 Table 1 rows on one pruned model (LLM-Pruner-style Taylor, calibrated on Pride and Prejudice):
 the unpruned model; LLM-Pruner + LoRA at 16 bits; QPruner-1 = uniform 4-bit LoftQ; QPruner-2 = the
 first MI-drawn mixed 4/8 configuration (qpruner.search.initial_configs on the measured MI, as the
-search's first non-anchor point); QPruner-3 = the most accurate and the cheapest mixed configuration on
-the front of a qpruner search (TPE, importance init, ASHA), re-trained once with the search's own
-fine-tuning seed so that their perplexity is measured too. Per row: each task's paper metric (acc_norm
+search's first non-anchor point); QPruner-3 = the most accurate and the cheapest configuration on the
+front of a qpruner search (TPE, importance init, ASHA; each trial scored on the first --search-limit
+documents), re-trained once with the search's own fine-tuning seed and scored like the other rows,
+so that their perplexity is measured too (a pick equal to a row above reuses that row). Per row: each task's paper metric (acc_norm
 for HellaSwag, ARC-e/c, OBQA, PIQA; acc elsewhere) on the first `--limit` documents, lm-eval's
 standard errors, WikiText-2 test perplexity (first `--chunks` windows of 512 tokens), exact weight
 bytes and the estimated fine-tuning peak (measured on CUDA). Quick validation reads the last
@@ -24,6 +25,7 @@ bytes and the estimated fine-tuning peak (measured on CUDA). Quick validation re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -37,7 +39,7 @@ def settings(args) -> dict:
     """The budget every row of a part shares, written into its results."""
     return {"limit": args.limit, "val_docs": args.val_docs, "steps": args.steps, "batch_size": 8, "max_length": 256,
             "report_every": args.report_every, "lora_rank": 8, "ppl_windows": f"{args.chunks} x 512 tokens",
-            "search_trials": args.trials, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
+            "search_trials": args.trials, "search_limit": args.search_limit, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
             "threads": args.threads}
 
 
@@ -138,35 +140,43 @@ def search_picks(study: Study, ratio: float) -> dict:
 
     from benchmarks.common import run_search
 
-    raw = study.raw(prune={"ratio": ratio}, quant={"bits": [4, 8]},
+    raw = study.raw(prune={"ratio": ratio}, quant={"bits": [4, 8]}, eval={"limit": study.args.search_limit},
                     search={"num_samples": study.args.trials, "n_init": 2, "concurrency": 1, "sampler": "tpe"})
-    out = study.cache / "runs" / f"search-{ratio}"
+    digest = hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = study.cache / "runs" / f"smollm2-search-{ratio}-{digest}"  # one folder per recipe: smoke runs do not clobber
     seconds = run_search(raw, out, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     rows = pq.read_table(out / "results.parquet").to_pylist()
     front = pq.read_table(out / "pareto.parquet").to_pylist()
     trials = [{"bits": list(r["bits"]), "status": r["status"], "accuracy": r["accuracy"], "memory_gb": r["memory_gb"],
                "weight_bytes": r["weight_bytes"]} for r in rows]
-    mixed = [r for r in front if len(set(r["bits"])) > 1]
-    picks = {}
-    if mixed:
-        picks["QPruner-3 (most accurate mixed on the front)"] = list(max(mixed, key=lambda r: r["accuracy"])["bits"])
-        cheapest = list(min(mixed, key=lambda r: r["memory_bytes"])["bits"])
+    picks = {}  # whatever the front holds, mixed or uniform: a uniform pick reuses its row above
+    if front:
+        picks["QPruner-3 (most accurate on the front)"] = list(max(front, key=lambda r: r["accuracy"])["bits"])
+        cheapest = list(min(front, key=lambda r: r["memory_bytes"])["bits"])
         if cheapest not in picks.values():
-            picks["QPruner-3 (cheapest mixed on the front)"] = cheapest
+            picks["QPruner-3 (cheapest on the front)"] = cheapest
     return {"seconds": seconds, "trials": trials, "front": [list(r["bits"]) for r in front], "picks": picks}
 
 
-def measured_elsewhere(study: Study, key: str) -> dict | None:
-    """The cell `key` from another Table 1 file measured on the same documents (the unpruned row does not
-    depend on the pruning ratio), marked with where it came from; None if there is none."""
+TABLE1_20 = "smollm2_table1_20.json"  # the Taylor 20% model every other study also trains on
+
+
+def measured_elsewhere(study: Study, files: str, key: str, source: str | None = None, same: tuple[str, ...] | None = None,
+                       bits: list[int] | None = None) -> dict | None:
+    """Cell `source` (default `key`) of another result file matching `files` measured with the same settings `same`
+    (default: all but threads and the search's), marked with where it came from; None if there is none.
+    The unpruned row does not depend on the pruning ratio; a trial on the 20% Taylor model is the same
+    cell in Table 1 at 20%, the ablations and the pruners. `bits`, if given, must match too."""
     from benchmarks.common import RESULTS
 
-    same = ("limit", "ppl_windows")
-    for path in sorted(RESULTS.glob("smollm2_table1_*.json")):
-        other = json.loads(path.read_text())
-        if path != study.cells.path and key in other.get("cells", {}) and \
-                all(other["settings"].get(k) == study.cells.payload["settings"][k] for k in same):
-            return {**other["cells"][key], "copied_from": path.name}
+    mine = study.cells.payload["settings"]
+    same = same or tuple(k for k in mine if k not in Cells.FREE and not k.startswith("search"))
+    for path in sorted(RESULTS.glob(files)):
+        other = json.loads(path.read_text()) if path != study.cells.path else {}
+        cell = other.get("cells", {}).get(source or key)
+        if cell and all(other["settings"].get(k) == mine.get(k) for k in same) and \
+                (bits is None or cell.get("bits") == list(bits)):
+            return {**cell, "copied_from": f"{path.name}: {source or key}"}
     return None
 
 
@@ -186,7 +196,7 @@ def table1(args, cache: Path) -> None:
         return {**study.zero_shot_row(model, tok),
                 "weight_bytes": weight_bytes(model, [16] * n, config_from_dict(study.raw()).quant)["total"]}
 
-    cells.run("unpruned", lambda: measured_elsewhere(study, "unpruned") or unpruned())
+    cells.run("unpruned", lambda: measured_elsewhere(study, "smollm2_table1_*.json", "unpruned", same=("limit", "ppl_windows")) or unpruned())
     pruned = study.prune(ratio=ratio)
     cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
                                  "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds})
@@ -212,11 +222,15 @@ def ablations(args, cache: Path) -> None:
     n, path = pruned_layer_count(pruned.path), str(pruned.path)
     arms = {"NF4, LoftQ 1 iter": {}, "FP4, LoftQ 1 iter": {"quant": {"quant_type": "fp4"}},
             "NF4, plain LoRA (no LoftQ)": {"lora": {"loftq_iters": 0}}, "NF4, LoftQ 4 iters": {"lora": {"loftq_iters": 4}}}
+    table1 = {"NF4, LoftQ 1 iter": "QPruner-1 (uniform 4-bit LoftQ)", "first configuration of mi": "QPruner-2 (MI-initialised mixed 4/8)"}
     for name, sections in arms.items():
-        study.cells.run(name, lambda: {"settings": sections, **study.trial(path, [4] * n, **sections)})
+        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n)
+                        or {"settings": sections, **study.trial(path, [4] * n, **sections)})
     for method in ("mi", "quant_loss", "taylor"):
         imp = study.cells.run(f"importance: {method}", lambda: dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
-        study.cells.run(f"first configuration of {method}", lambda: study.trial(path, imp["first_mixed"]))
+        name = f"first configuration of {method}"
+        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"])
+                        or study.trial(path, imp["first_mixed"]))
     study.cells.save(complete=True)
 
 
@@ -237,7 +251,10 @@ def pruners(args, cache: Path) -> None:
 
         study.cells.run(f"{name}: before recovery", before)
         if not args.no_recovery:
-            study.cells.run(f"{name}: after recovery (uniform 4-bit LoftQ)", lambda: study.trial(str(pruned.path), [4] * pruned_layer_count(pruned.path)))
+            bits = [4] * pruned_layer_count(pruned.path)
+            after = f"{name}: after recovery (uniform 4-bit LoftQ)"
+            study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits))
+                            or study.trial(str(pruned.path), bits))
     study.cells.save(complete=True)
 
 
@@ -269,6 +286,8 @@ def main() -> None:
     parser.add_argument("--report-every", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=40, help="WikiText-2 windows of 512 tokens")
     parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
+    parser.add_argument("--search-limit", type=int, default=50,
+                        help="table1: documents per task each search trial scores (its picks are re-scored on --limit)")
     parser.add_argument("--no-recovery", action="store_true", help="pruners: only the before-recovery rows")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and CPUs of each search trial)")
     parser.add_argument("--cache", default=None, help="qpruner cache (default ~/.cache/qpruner)")

@@ -106,8 +106,39 @@ def task_cells(zs: dict) -> str:
     return " | ".join(cells) + f" | **{zs['mean']:.3f}** ± {zs['mean_stderr']:.3f}"
 
 
+def zero_shot_table(cells: dict) -> list[str]:
+    """One row per cell that has zero-shot scores: per-task paper metric, mean ± se, perplexity, memory."""
+    head = " | ".join(SHORT[t] for t in PAPER_TASKS)
+    out = [f"| row | {head} | mean ± se | WikiText-2 ppl | weights MiB | fine-tune peak GiB (est.) |",
+           "| --- |" + " --- |" * (len(PAPER_TASKS) + 4)]
+    for name, c in cells.items():
+        if "tasks" not in c:
+            continue
+        peak = c.get("peak_measured_bytes") or c.get("peak_estimate_bytes")
+        weights = c.get("weight_bytes")
+        out.append(f"| {name} | {task_cells(c)} | {c['wikitext2_ppl']:.1f} | {'-' if weights is None else f'{weights / 2**20:.0f}'} | "
+                   f"{'-' if peak is None else f'{peak / 2**30:.2f}'} |")
+    return out + [""]
+
+
+def budget(r: dict) -> str:
+    s = r["settings"]
+    return (f"first {s['limit']} documents per task, {s['steps']} LoRA steps x 8 Alpaca records, WikiText-2 "
+            f"{s['ppl_windows']}; {machine(r)}")
+
+
+def search_line(search: dict, s: dict) -> list[str]:
+    """What the Table 1 search tried and kept."""
+    eights = lambda bits: sum(b == 8 for b in bits)  # noqa: E731
+    tried = ", ".join(f"{eights(t['bits'])}x8 {t['status'].lower()}" + (f" {t['accuracy']:.3f}" if t["accuracy"] is not None else "")
+                      for t in search["trials"])
+    return [f"Search: {len(search['trials'])} trials (TPE after importance init, ASHA; each scored on the first "
+            f"{s.get('search_limit', s['limit'])} documents per task) in {search['seconds'] / 60:.0f} min; trials as "
+            f"8-bit layers of 30, status, mean accuracy: {tried}; front: {[eights(b) for b in search['front']]} 8-bit layers.", ""]
+
+
 def smollm2_tables() -> str:
-    """The SmolLM2-135M tables (Table 1 per ratio, APT): per-task paper metric, mean ± se, perplexity, memory."""
+    """The SmolLM2-135M tables (Table 1 per ratio, ablations, pruners, APT)."""
     head = " | ".join(SHORT[t] for t in PAPER_TASKS)
     out = []
     for ratio in (20, 50):
@@ -115,20 +146,17 @@ def smollm2_tables() -> str:
         if not r:
             out += [f"Table 1 at {ratio}%: not run yet.", ""]
             continue
-        s, pruned = r["settings"], r["cells"].get("pruned") or {}
+        pruned = r["cells"].get("pruned") or {}
         count = lambda k: f"{pruned[k]:,}" if k in pruned else "?"  # noqa: E731
-        out += [f"**Table 1, {ratio}% pruned** ({count('params_after')} parameters left of "
-                f"{count('params_before')}; first {s['limit']} documents per task, "
-                f"{s['steps']} LoRA steps x 8 Alpaca records, WikiText-2 {s['ppl_windows']}; {machine(r)})", "",
-                f"| row | {head} | mean ± se | WikiText-2 ppl | weights MiB | fine-tune peak GiB (est.) |",
-                "| --- |" + " --- |" * (len(PAPER_TASKS) + 4)]
-        for name, c in r["cells"].items():
-            if "tasks" not in c:
-                continue
-            peak = c.get("peak_measured_bytes") or c.get("peak_estimate_bytes")
-            out.append(f"| {name} | {task_cells(c)} | {c['wikitext2_ppl']:.1f} | {c['weight_bytes'] / 2**20:.0f} | "
-                       f"{'-' if peak is None else f'{peak / 2**30:.2f}'} |")
-        out.append("")
+        out += [f"**Table 1, {ratio}% pruned** ({count('params_after')} parameters left of {count('params_before')}; "
+                f"{budget(r)})", "", *zero_shot_table(r["cells"])]
+        if "search" in r["cells"]:
+            out += search_line(r["cells"]["search"], r["settings"])
+    for name, title in (("smollm2_ablations", "Ablations at 20% (Taylor), uniform 4 bits unless named"),
+                        ("smollm2_pruners", "Pruners at 20%, before and after recovery (uniform 4-bit LoftQ)")):
+        r = load(name)
+        if r:
+            out += [f"**{title}** ({budget(r)})", "", *zero_shot_table(r["cells"])]
     r = load("apt_sparsity")
     if r:
         out += [f"**Post-training sparsity, no retraining** (first {r['zero_shot']['limit']} documents per task; WikiText-2 "
