@@ -227,7 +227,8 @@ def ablations(args, cache: Path) -> None:
         study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n)
                         or {"settings": sections, **study.trial(path, [4] * n, **sections)})
     for method in ("mi", "quant_loss", "taylor"):
-        imp = study.cells.run(f"importance: {method}", lambda: dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
+        imp = study.cells.run(f"importance: {method}", lambda: (method == "mi" and measured_elsewhere(study, TABLE1_20, "importance: mi", "mi importance"))
+                              or dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
         name = f"first configuration of {method}"
         study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"])
                         or study.trial(path, imp["first_mixed"]))
