@@ -105,6 +105,9 @@ class Cells:
         return self.put(key, {**fn(), "cell_seconds": round(time.time() - started, 1)})
 
     def save(self, **extra) -> None:
+        """Write the file, keeping cells another process (another `--arms` subset) stored meanwhile."""
+        if self.path.is_file():
+            self.payload["cells"] = {**json.loads(self.path.read_text()).get("cells", {}), **self.payload["cells"]}
         self.payload.update(extra, date=time.strftime("%Y-%m-%d %H:%M"))
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")

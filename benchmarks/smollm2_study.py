@@ -243,7 +243,11 @@ def pruners(args, cache: Path) -> None:
     calibration = study.raw()["prune"]["calibration"]  # random pruning draws from calibration.seed
     arms = {"taylor": {"method": "taylor"}, "slimgpt": {"method": "slimgpt"},
             **{f"random seed {s}": {"method": "random", "calibration": {**calibration, "seed": s}} for s in range(3)}}
-    for name, prune in arms.items():
+    chosen = args.arms.split(",") if args.arms else list(arms)
+    if unknown := set(chosen) - set(arms):
+        sys.exit(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
+    for name in chosen:
+        prune = arms[name]
         pruned = study.prune(ratio=0.2, **prune)
 
         def before():
@@ -256,7 +260,7 @@ def pruners(args, cache: Path) -> None:
             after = f"{name}: after recovery (uniform 4-bit LoftQ)"
             study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits))
                             or study.trial(str(pruned.path), bits))
-    study.cells.save(complete=True)
+    study.cells.save(complete=len(chosen) == len(arms))
 
 
 def pricing(args, cache: Path) -> None:
@@ -289,6 +293,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
     parser.add_argument("--search-limit", type=int, default=50,
                         help="table1: documents per task each search trial scores (its picks are re-scored on --limit)")
+    parser.add_argument("--arms", default=None, help="pruners: comma-separated subset (two processes may share the file)")
     parser.add_argument("--no-recovery", action="store_true", help="pruners: only the before-recovery rows")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and CPUs of each search trial)")
     parser.add_argument("--cache", default=None, help="qpruner cache (default ~/.cache/qpruner)")
