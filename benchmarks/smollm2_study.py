@@ -208,7 +208,8 @@ def table1(args, cache: Path) -> None:
     cells.run("QPruner-2 (MI-initialised mixed 4/8)", lambda: study.trial(path, mi["first_mixed"]))
     if args.trials:
         search = cells.run("search", lambda: search_picks(study, ratio))
-        done = {tuple(v["bits"]): v for k, v in cells.payload["cells"].items() if isinstance(v, dict) and "bits" in v and "tasks" in v}
+        done = {tuple(v["bits"]): {**v, "copied_from": f"{cells.path.name}: {k}"} for k, v in cells.payload["cells"].items()
+                if isinstance(v, dict) and "bits" in v and "tasks" in v and "copied_from" not in v}
         for name, bits in search["picks"].items():
             cells.run(name, lambda: done.get(tuple(bits)) or study.trial(path, bits))
     cells.save(complete=True)

@@ -116,7 +116,9 @@ def zero_shot_table(cells: dict) -> list[str]:
             continue
         peak = c.get("peak_measured_bytes") or c.get("peak_estimate_bytes")
         weights = c.get("weight_bytes")
-        out.append(f"| {name} | {task_cells(c)} | {c['wikitext2_ppl']:.1f} | {'-' if weights is None else f'{weights / 2**20:.0f}'} | "
+        source = c.get("copied_from", "").partition(": ")[2]  # "file: cell" of a reused measurement
+        same = f" (= {source})" if source and source != name else ""
+        out.append(f"| {name}{same} | {task_cells(c)} | {c['wikitext2_ppl']:.1f} | {'-' if weights is None else f'{weights / 2**20:.0f}'} | "
                    f"{'-' if peak is None else f'{peak / 2**30:.2f}'} |")
     return out + [""]
 
