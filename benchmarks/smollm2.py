@@ -66,7 +66,7 @@ class Cells:
     """A study's result file as cells keyed by name: `get` finds a finished cell, `put` stores one at once."""
 
     # settings that change no figure: a rerun may differ in these and still resume
-    FREE = ("threads", "search_trials")
+    FREE = ("threads", "search_trials", "search_limit")  # the search_* keys: older files (now in the search cell)
 
     def __init__(self, study: str, header: dict):
         self.path = RESULTS / f"{study}.json"
@@ -105,14 +105,19 @@ class Cells:
         return self.put(key, {**fn(), "cell_seconds": round(time.time() - started, 1)})
 
     def save(self, **extra) -> None:
-        """Write the file, keeping cells another process (another `--arms` subset) stored meanwhile."""
-        if self.path.is_file():
-            self.payload["cells"] = {**json.loads(self.path.read_text()).get("cells", {}), **self.payload["cells"]}
-        self.payload.update(extra, date=time.strftime("%Y-%m-%d %H:%M"))
+        """Write the file, keeping cells another process (another `--arms` subset) stored meanwhile: the
+        read-merge-write holds a lock, and each process writes its own temporary file."""
+        import fcntl
+
         RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.payload, indent=1, default=str))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                self.payload["cells"] = {**json.loads(self.path.read_text()).get("cells", {}), **self.payload["cells"]}
+            self.payload.update(extra, date=time.strftime("%Y-%m-%d %H:%M"))
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.payload, indent=1, default=str))
+            tmp.replace(self.path)
 
 
 def stderr(p: Optional[float], n: Optional[int]) -> Optional[float]:

@@ -13,8 +13,8 @@ Table 1 rows on one pruned model (LLM-Pruner-style Taylor, calibrated on Pride a
 the unpruned model; LLM-Pruner + LoRA at 16 bits; QPruner-1 = uniform 4-bit LoftQ; QPruner-2 = the
 first MI-drawn mixed 4/8 configuration (qpruner.search.initial_configs on the measured MI, as the
 search's first non-anchor point); QPruner-3 = the most accurate and the cheapest configuration on the
-front of a qpruner search (TPE, importance init, ASHA; each trial scored on the first --search-limit
-documents), re-trained once with the search's own fine-tuning seed and scored like the other rows,
+front of a qpruner search (TPE, importance init, ASHA; each trial scored on the --search-limit documents
+after the scored ones, so that the pick is not chosen on the documents it is reported on), re-trained once with the search's own fine-tuning seed and scored like the other rows,
 so that their perplexity is measured too (a pick equal to a row above reuses that row). Per row: each task's paper metric (acc_norm
 for HellaSwag, ARC-e/c, OBQA, PIQA; acc elsewhere) on the first `--limit` documents, lm-eval's
 standard errors, WikiText-2 test perplexity (first `--chunks` windows of 512 tokens), exact weight
@@ -36,28 +36,36 @@ from qpruner.prune import pruned_layer_count
 
 
 def settings(args) -> dict:
-    """The budget every row of a part shares, written into its results."""
+    """The budget every row of a part shares, written into its results (a search's own settings are in its cell)."""
     return {"limit": args.limit, "val_docs": args.val_docs, "steps": args.steps, "batch_size": 8, "max_length": 256,
             "report_every": args.report_every, "lora_rank": 8, "ppl_windows": f"{args.chunks} x 512 tokens",
-            "search_trials": args.trials, "search_limit": args.search_limit, "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
+            "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
             "threads": args.threads}
 
 
-def val_files(inputs: dict, cache: Path, n: int, limit: int) -> dict[str, str]:
-    """The last n rows of each task file, for eval.val_data: validation disjoint from the `limit` scored first rows."""
+def row_files(inputs: dict, cache: Path, rows: slice, tag: str) -> dict[str, str]:
+    """Rows `rows` of each task file as their own files (for eval.val_data, or a search's eval.local_data)."""
     from benchmarks.convert_data import write_if_changed
 
     out = cache / "val_tail"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for task in TASKS:
-        rows = Path(inputs["files"][task]).read_text().splitlines()
-        if len(rows) < limit + n:
-            sys.exit(f"{task} has {len(rows)} rows: --limit {limit} scored plus --val-docs {n} validated would overlap; lower either")
-        path = out / f"{task}-last{n}.jsonl"
-        write_if_changed(path, "\n".join(rows[-n:]) + "\n")
+        path = out / f"{task}-{tag}.jsonl"
+        write_if_changed(path, "\n".join(Path(inputs["files"][task]).read_text().splitlines()[rows]) + "\n")
         files[task] = str(path)
     return files
+
+
+def check_disjoint(inputs: dict, args) -> None:
+    """Scored rows (the first --limit), search rows (the next --search-limit) and validation rows (the last
+    --val-docs) must not overlap in any task file: exit in one line if they would."""
+    need = args.limit + args.search_limit + args.val_docs
+    for task in TASKS:
+        n = len(Path(inputs["files"][task]).read_text().splitlines())
+        if n < need:
+            sys.exit(f"{task} has {n} rows: --limit {args.limit} scored, --search-limit {args.search_limit} searched and "
+                     f"--val-docs {args.val_docs} validated would overlap; lower one of them")
 
 
 class Study:
@@ -67,7 +75,8 @@ class Study:
         self.args, self.cache, self.inputs = args, cache, real_inputs()
         self.cells = Cells(name, {"model": MODEL, "model_origin": ORIGIN, "data": data_files(self.inputs),
                                   "settings": settings(args)})
-        self.val = val_files(self.inputs, cache, args.val_docs, args.limit)
+        check_disjoint(self.inputs, args)
+        self.val = row_files(self.inputs, cache, slice(-args.val_docs, None), f"last{args.val_docs}")
         self.rows = {t: len(Path(self.inputs['files'][t]).read_text().splitlines()) for t in TASKS}
         self._ids = None
 
@@ -140,7 +149,9 @@ def search_picks(study: Study, ratio: float) -> dict:
 
     from benchmarks.common import run_search
 
-    raw = study.raw(prune={"ratio": ratio}, quant={"bits": [4, 8]}, eval={"limit": study.args.search_limit},
+    a = study.args  # the search scores rows no table row scores: limit .. limit + search_limit
+    searched = row_files(study.inputs, study.cache, slice(a.limit, a.limit + a.search_limit), f"rows{a.limit}+{a.search_limit}")
+    raw = study.raw(prune={"ratio": ratio}, quant={"bits": [4, 8]}, eval={"limit": a.search_limit, "local_data": searched},
                     search={"num_samples": study.args.trials, "n_init": 2, "concurrency": 1, "sampler": "tpe"})
     digest = hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:10]
     out = study.cache / "runs" / f"smollm2-search-{ratio}-{digest}"  # one folder per recipe: smoke runs do not clobber
@@ -155,27 +166,32 @@ def search_picks(study: Study, ratio: float) -> dict:
         cheapest = list(min(front, key=lambda r: r["memory_bytes"])["bits"])
         if cheapest not in picks.values():
             picks["QPruner-3 (cheapest on the front)"] = cheapest
-    return {"seconds": seconds, "trials": trials, "front": [list(r["bits"]) for r in front], "picks": picks}
+    return {"search_trials": a.trials, "search_limit": a.search_limit, "search_sampler": "tpe, importance init (mi), ASHA",
+            "search_docs": f"rows {a.limit}-{a.limit + a.search_limit - 1} of each task (after the scored ones)",
+            "seconds": seconds, "trials": trials, "front": [list(r["bits"]) for r in front], "picks": picks}
 
 
 TABLE1_20 = "smollm2_table1_20.json"  # the Taylor 20% model every other study also trains on
 
 
 def measured_elsewhere(study: Study, files: str, key: str, source: str | None = None, same: tuple[str, ...] | None = None,
-                       bits: list[int] | None = None) -> dict | None:
+                       bits: list[int] | None = None, pruned: str | None = None) -> dict | None:
     """Cell `source` (default `key`) of another result file matching `files` measured with the same settings `same`
-    (default: all but threads and the search's), marked with where it came from; None if there is none.
+    (default: all but threads), marked with where it came from; None if there is none.
     The unpruned row does not depend on the pruning ratio; a trial on the 20% Taylor model is the same
-    cell in Table 1 at 20%, the ablations and the pruners. `bits`, if given, must match too."""
+    cell in Table 1 at 20%, the ablations and the pruners. `bits` and the `pruned` model's key, if given,
+    must match too, and so must the model and data files."""
     from benchmarks.common import RESULTS
 
     mine = study.cells.payload["settings"]
-    same = same or tuple(k for k in mine if k not in Cells.FREE and not k.startswith("search"))
+    same = same or tuple(k for k in mine if k not in Cells.FREE)
     for path in sorted(RESULTS.glob(files)):
         other = json.loads(path.read_text()) if path != study.cells.path else {}
         cell = other.get("cells", {}).get(source or key)
         if cell and all(other["settings"].get(k) == mine.get(k) for k in same) and \
-                (bits is None or cell.get("bits") == list(bits)):
+                (bits is None or cell.get("bits") == list(bits)) and \
+                (pruned is None or other["cells"].get("pruned", {}).get("path") == pruned) and \
+                all(other.get(k) == study.cells.payload.get(k) for k in ("model", "model_origin", "data")):
             return {**cell, "copied_from": f"{path.name}: {source or key}"}
     return None
 
@@ -225,13 +241,13 @@ def ablations(args, cache: Path) -> None:
             "NF4, plain LoRA (no LoftQ)": {"lora": {"loftq_iters": 0}}, "NF4, LoftQ 4 iters": {"lora": {"loftq_iters": 4}}}
     table1 = {"NF4, LoftQ 1 iter": "QPruner-1 (uniform 4-bit LoftQ)", "first configuration of mi": "QPruner-2 (MI-initialised mixed 4/8)"}
     for name, sections in arms.items():
-        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n)
+        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n, pruned=pruned.key)
                         or {"settings": sections, **study.trial(path, [4] * n, **sections)})
     for method in ("mi", "quant_loss", "taylor"):
-        imp = study.cells.run(f"importance: {method}", lambda: (method == "mi" and measured_elsewhere(study, TABLE1_20, "importance: mi", "mi importance"))
+        imp = study.cells.run(f"importance: {method}", lambda: (method == "mi" and measured_elsewhere(study, TABLE1_20, "importance: mi", "mi importance", pruned=pruned.key))
                               or dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
         name = f"first configuration of {method}"
-        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"])
+        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"], pruned=pruned.key)
                         or study.trial(path, imp["first_mixed"]))
     study.cells.save(complete=True)
 
@@ -259,9 +275,11 @@ def pruners(args, cache: Path) -> None:
         if not args.no_recovery:
             bits = [4] * pruned_layer_count(pruned.path)
             after = f"{name}: after recovery (uniform 4-bit LoftQ)"
-            study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits))
+            study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=pruned.key))
                             or study.trial(str(pruned.path), bits))
-    study.cells.save(complete=len(chosen) == len(arms))
+    study.cells.save()  # merged with what other --arms processes stored: complete when every arm's cells are there
+    wanted = [f"{a}: before recovery" for a in arms] + ([] if args.no_recovery else [f"{a}: after recovery (uniform 4-bit LoftQ)" for a in arms])
+    study.cells.save(complete=all(k in study.cells.payload["cells"] for k in wanted))
 
 
 def pricing(args, cache: Path) -> None:
@@ -275,7 +293,8 @@ def pricing(args, cache: Path) -> None:
         if not path.is_file():
             continue
         cells = json.loads(path.read_text())["cells"]
-        patterns = {k: v["bits"] for k, v in cells.items() if isinstance(v, dict) and "bits" in v and "tasks" in v}
+        patterns = {k: v["bits"] for k, v in cells.items() if isinstance(v, dict) and "bits" in v and "tasks" in v
+                    and "copied_from" not in v}  # a reused row is priced under its own name
         out[f"{ratio:.0%}"] = llama7b_memory(ratio, patterns)
     write_result("smollm2_pricing", {"model": "LLaMA-7B shapes (no weights) pruned as the paper prunes it; patterns from "
                                               "the SmolLM2 Table 1 files, stretched over 32 layers by depth",
@@ -293,7 +312,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=40, help="WikiText-2 windows of 512 tokens")
     parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
     parser.add_argument("--search-limit", type=int, default=50,
-                        help="table1: documents per task each search trial scores (its picks are re-scored on --limit)")
+                        help="table1: documents per task each search trial scores, after the --limit scored ones (its picks are re-scored on those)")
     parser.add_argument("--arms", default=None, help="pruners: comma-separated subset (two processes may share the file)")
     parser.add_argument("--no-recovery", action="store_true", help="pruners: only the before-recovery rows")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and CPUs of each search trial)")

@@ -129,13 +129,13 @@ def budget(r: dict) -> str:
             f"{s['ppl_windows']}; {machine(r)}")
 
 
-def search_line(search: dict, s: dict) -> list[str]:
+def search_line(search: dict) -> list[str]:
     """What the Table 1 search tried and kept."""
     eights = lambda bits: sum(b == 8 for b in bits)  # noqa: E731
     tried = ", ".join(f"{eights(t['bits'])}x8 {t['status'].lower()}" + (f" {t['accuracy']:.3f}" if t["accuracy"] is not None else "")
                       for t in search["trials"])
-    return [f"Search: {len(search['trials'])} trials (TPE after importance init, ASHA; each scored on the first "
-            f"{s.get('search_limit', s['limit'])} documents per task) in {search['seconds'] / 60:.0f} min; trials as "
+    return [f"Search: {len(search['trials'])} trials (TPE after importance init, ASHA; each scored on "
+            f"{search['search_docs']}) in {search['seconds'] / 60:.0f} min; trials as "
             f"8-bit layers of 30, status, mean accuracy: {tried}; front: {[eights(b) for b in search['front']]} 8-bit layers.", ""]
 
 
@@ -153,7 +153,7 @@ def smollm2_tables() -> str:
         out += [f"**Table 1, {ratio}% pruned** ({count('params_after')} parameters left of {count('params_before')}; "
                 f"{budget(r)})", "", *zero_shot_table(r["cells"])]
         if "search" in r["cells"]:
-            out += search_line(r["cells"]["search"], r["settings"])
+            out += search_line(r["cells"]["search"])
     for name, title in (("smollm2_ablations", "Ablations at 20% (Taylor), uniform 4 bits unless named"),
                         ("smollm2_pruners", "Pruners at 20%, before and after recovery (uniform 4-bit LoftQ)")):
         r = load(name)
