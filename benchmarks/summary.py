@@ -139,6 +139,12 @@ def search_line(search: dict) -> list[str]:
             f"8-bit layers of 30, status, mean accuracy: {tried}; front: {[eights(b) for b in search['front']]} 8-bit layers.", ""]
 
 
+def arm_order(key: str) -> tuple:
+    """Pruner rows in a fixed order whatever order processes stored them: taylor, slimgpt, random seeds; before, after."""
+    arm = key.split(":")[0]
+    return (("taylor", "slimgpt").index(arm) if arm in ("taylor", "slimgpt") else 2, arm, "after" in key)
+
+
 def smollm2_tables() -> str:
     """The SmolLM2-135M tables (Table 1 per ratio, ablations, pruners, APT)."""
     head = " | ".join(SHORT[t] for t in PAPER_TASKS)
@@ -158,7 +164,8 @@ def smollm2_tables() -> str:
                         ("smollm2_pruners", "Pruners at 20%, before and after recovery (uniform 4-bit LoftQ)")):
         r = load(name)
         if r:
-            out += [f"**{title}** ({budget(r)})", "", *zero_shot_table(r["cells"])]
+            cells = dict(sorted(r["cells"].items(), key=lambda kv: arm_order(kv[0]))) if name == "smollm2_pruners" else r["cells"]
+            out += [f"**{title}** ({budget(r)})", "", *zero_shot_table(cells)]
     r = load("apt_sparsity")
     if r:
         out += [f"**Post-training sparsity, no retraining** (first {r['zero_shot']['limit']} documents per task; WikiText-2 "
