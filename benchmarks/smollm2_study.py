@@ -14,8 +14,9 @@ the unpruned model; LLM-Pruner + LoRA at 16 bits; QPruner-1 = uniform 4-bit Loft
 first MI-drawn mixed 4/8 configuration (qpruner.search.initial_configs on the measured MI, as the
 search's first non-anchor point); QPruner-3 = the most accurate and the cheapest configuration on the
 front of a qpruner search (TPE, importance init, ASHA; each trial scored on the --search-limit documents
-after the scored ones, so that the pick is not chosen on the documents it is reported on), re-trained once with the search's own fine-tuning seed and scored like the other rows,
-so that their perplexity is measured too (a pick equal to a row above reuses that row). Per row: each task's paper metric (acc_norm
+after the scored ones, so that the pick is not chosen on the documents it is reported on), re-trained
+once with the search's own fine-tuning seed and scored like the other rows, so that their perplexity is
+measured too (a pick equal to a row above reuses that row). Per row: each task's paper metric (acc_norm
 for HellaSwag, ARC-e/c, OBQA, PIQA; acc elsewhere) on the first `--limit` documents, lm-eval's
 standard errors, WikiText-2 test perplexity (first `--chunks` windows of 512 tokens), exact weight
 bytes and the estimated fine-tuning peak (measured on CUDA). Quick validation reads the last
@@ -277,7 +278,7 @@ def pruners(args, cache: Path) -> None:
             after = f"{name}: after recovery (uniform 4-bit LoftQ)"
             study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=pruned.key))
                             or study.trial(str(pruned.path), bits))
-    study.cells.save()  # merged with what other --arms processes stored: complete when every arm's cells are there
+    study.cells.save()  # merges what other --arms processes stored, so `complete` below sees every arm
     wanted = [f"{a}: before recovery" for a in arms] + ([] if args.no_recovery else [f"{a}: after recovery (uniform 4-bit LoftQ)" for a in arms])
     study.cells.save(complete=all(k in study.cells.payload["cells"] for k in wanted))
 
