@@ -66,7 +66,7 @@ class Cells:
     """A study's result file as cells keyed by name: `get` finds a finished cell, `put` stores one at once."""
 
     # settings that change no figure: a rerun may differ in these and still resume
-    FREE = ("threads", "search_trials", "search_limit")  # the search_* keys: older files (now in the search cell)
+    FREE = ("threads",)
 
     def __init__(self, study: str, header: dict):
         self.path = RESULTS / f"{study}.json"
@@ -104,9 +104,10 @@ class Cells:
         started = time.time()
         return self.put(key, {**fn(), "cell_seconds": round(time.time() - started, 1)})
 
-    def save(self, **extra) -> None:
+    def save(self, wanted: Optional[list[str]] = None, **extra) -> None:
         """Write the file, keeping cells another process (another `--arms` subset) stored meanwhile: the
-        read-merge-write holds a lock, and each process writes its own temporary file."""
+        read-merge-write holds a lock, and each process writes its own temporary file. With `wanted`, the
+        file is marked complete when the merged cells hold every one of those keys."""
         import fcntl
 
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,8 @@ class Cells:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
                 self.payload["cells"] = {**json.loads(self.path.read_text()).get("cells", {}), **self.payload["cells"]}
+            if wanted is not None:
+                extra["complete"] = all(k in self.payload["cells"] for k in wanted)
             self.payload.update(extra, date=time.strftime("%Y-%m-%d %H:%M"))
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.payload, indent=1, default=str))

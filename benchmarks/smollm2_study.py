@@ -48,7 +48,7 @@ def row_files(inputs: dict, cache: Path, rows: slice, tag: str) -> dict[str, str
     """Rows `rows` of each task file as their own files (for eval.val_data, or a search's eval.local_data)."""
     from benchmarks.convert_data import write_if_changed
 
-    out = cache / "val_tail"
+    out = cache / "task_rows"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for task in TASKS:
@@ -58,12 +58,11 @@ def row_files(inputs: dict, cache: Path, rows: slice, tag: str) -> dict[str, str
     return files
 
 
-def check_disjoint(inputs: dict, args) -> None:
+def check_disjoint(rows: dict[str, int], args) -> None:
     """Scored rows (the first --limit), search rows (the next --search-limit) and validation rows (the last
-    --val-docs) must not overlap in any task file: exit in one line if they would."""
+    --val-docs) must not overlap in any task file ({task: rows}): exit in one line if they would."""
     need = args.limit + args.search_limit + args.val_docs
-    for task in TASKS:
-        n = len(Path(inputs["files"][task]).read_text().splitlines())
+    for task, n in rows.items():
         if n < need:
             sys.exit(f"{task} has {n} rows: --limit {args.limit} scored, --search-limit {args.search_limit} searched and "
                      f"--val-docs {args.val_docs} validated would overlap; lower one of them")
@@ -76,9 +75,9 @@ class Study:
         self.args, self.cache, self.inputs = args, cache, real_inputs()
         self.cells = Cells(name, {"model": MODEL, "model_origin": ORIGIN, "data": data_files(self.inputs),
                                   "settings": settings(args)})
-        check_disjoint(self.inputs, args)
-        self.val = row_files(self.inputs, cache, slice(-args.val_docs, None), f"last{args.val_docs}")
         self.rows = {t: len(Path(self.inputs['files'][t]).read_text().splitlines()) for t in TASKS}
+        check_disjoint(self.rows, args)
+        self.val = row_files(self.inputs, cache, slice(-args.val_docs, None), f"last{args.val_docs}")
         self._ids = None
 
     def raw(self, **sections) -> dict:
@@ -278,9 +277,8 @@ def pruners(args, cache: Path) -> None:
             after = f"{name}: after recovery (uniform 4-bit LoftQ)"
             study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=pruned.key))
                             or study.trial(str(pruned.path), bits))
-    study.cells.save()  # merges what other --arms processes stored, so `complete` below sees every arm
     wanted = [f"{a}: before recovery" for a in arms] + ([] if args.no_recovery else [f"{a}: after recovery (uniform 4-bit LoftQ)" for a in arms])
-    study.cells.save(complete=all(k in study.cells.payload["cells"] for k in wanted))
+    study.cells.save(wanted=wanted)  # complete once every arm's cells are in, whichever process stored them
 
 
 def pricing(args, cache: Path) -> None:
