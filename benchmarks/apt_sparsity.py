@@ -32,7 +32,8 @@ def main() -> None:
 
     import torch
 
-    from qpruner.config import config_from_dict, default_cache_dir
+    from qpruner.config import default_cache_dir
+    from qpruner.plan import resolved_config
     from qpruner.model import load_model
     from qpruner.prune import load_pruned, prune_cached
 
@@ -45,7 +46,7 @@ def main() -> None:
         "zero_shot": {"limit": args.limit, "num_fewshot": 0, "metric": "paper (acc_norm for hellaswag, arc, obqa, piqa)"}})
 
     def cfg(method="apt", sparsity=0.0):
-        return config_from_dict({"model": {"name": str(inputs["gguf"])}, "output": {"cache_dir": str(cache)},
+        return resolved_config({"model": {"name": str(inputs["gguf"])}, "output": {"cache_dir": str(cache)},
                                  "prune": {"method": method, "ratio": 0, "sparsity": sparsity,
                                            "calibration": {"source": str(inputs["gutenberg"]), "n_samples": args.samples,
                                                            "seq_len": args.seq_len}}})

@@ -49,12 +49,12 @@ def mixed_picks(search_out: Path) -> dict[str, list[int]]:
 
 def run_arm(raw: dict, pruned_path: str, bits: list[int], seeds: list[int]) -> dict:
     """Train + evaluate one bit vector once per fine-tuning seed; accuracy spread and memory."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.trial import run_trial
 
     runs = []
     for seed in seeds:
-        cfg = config_from_dict({**raw, "finetune": {**raw["finetune"], "seed": seed},
+        cfg = resolved_config({**raw, "finetune": {**raw["finetune"], "seed": seed},
                                 "quant": {**raw["quant"], "bits": [4, 8, 16]}})  # 16 is outside the search space
         runs.append(run_trial(cfg, pruned_path, bits))
     tasks = sorted(runs[0]["task_acc"])
@@ -73,10 +73,10 @@ def llama7b_memory(ratio: float, patterns: dict[str, list[int]]) -> dict:
     """Weights and estimated fine-tuning peak (micro batch 4 x 256, bf16, LoRA r=8) of each pattern on
     LLaMA-7B pruned like the paper (layers 4..30); a tiny pattern is stretched over 32 layers by depth."""
     from benchmarks.gpu_memory import meta_peft_llama, pruned_shapes
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.memory import finetune_peak_estimate, lora_bytes, weight_bytes
 
-    cfg = config_from_dict({"quant": {"compute_dtype": "bfloat16"}, "lora": {"dropout": 0.05},
+    cfg = resolved_config({"quant": {"compute_dtype": "bfloat16"}, "lora": {"dropout": 0.05},
                             "finetune": {"micro_batch_size": 4, "max_length": 256}})
     model = meta_peft_llama(pruned_shapes(ratio), cfg.lora)
     out = {}
@@ -110,14 +110,14 @@ def claims(arms: dict) -> dict:
 
 
 def study_ratio(ratio: float, seeds: list[int], work: Path) -> dict:
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.prune import prune_cached, pruned_layer_count
 
     raw = recipe(ratio)
     raw["output"]["dir"] = str(work / f"search-{ratio}")
     search_out = work / f"search-{ratio}"
     search_seconds = run_search(raw, search_out)
-    pruned = prune_cached(config_from_dict(raw), progress=False)
+    pruned = prune_cached(resolved_config(raw), progress=False)
     n = pruned_layer_count(pruned.path)
     patterns = {"LoRA uniform-16": [16] * n, "LoftQ uniform-4": [4] * n, "LoftQ uniform-8": [8] * n,
                 **mixed_picks(search_out)}

@@ -43,11 +43,11 @@ def build_table(raw: dict) -> dict:
     """Run all 2^L bit vectors for real; keep each one's report curve and final result."""
     from tqdm.auto import tqdm
 
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.prune import prune_cached, pruned_layer_count
     from qpruner.importance import importance_task
 
-    cfg = config_from_dict(raw)
+    cfg = resolved_config(raw)
     pruned = prune_cached(cfg, progress=False)
     n = pruned_layer_count(pruned.path)
     rows = {}
@@ -73,11 +73,11 @@ def run_recorded(cfg, pruned_path: str, bits: list[int]) -> dict:
 
 def add_weight_bytes(table: dict, raw: dict) -> None:
     """Every row's exact weight bytes, from the pruned model's shapes (no trial needed)."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.memory import shapes_from_config, weight_bytes
     from qpruner.prune import prune_cached
 
-    cfg = config_from_dict(raw)
+    cfg = resolved_config(raw)
     config = json.loads((prune_cached(cfg, progress=False).path / "config.json").read_text())
     shapes = shapes_from_config(config)
     for key, row in table["rows"].items():
@@ -111,12 +111,12 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     """One real Tune + Optuna search over the recorded table; the trials in creation order."""
     from ray import tune
 
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.search import bits_from_config, config_from_bits, initial_configs, make_searcher, param_space, random_configs
 
     sampler, init, n_init = ARMS[arm]
     n = table["n_layers"]
-    cfg = config_from_dict(tiny_recipe(search={"sampler": sampler, "seed": seed, "n_init": n_init,
+    cfg = resolved_config(tiny_recipe(search={"sampler": sampler, "seed": seed, "n_init": n_init,
                                                "init": "random" if init == "random" else "importance"}))
     if init == "importance":  # as qpruner.tune.first_configs: memory budgets in the pruned layers' weight bytes
         points = initial_configs(table["importance"], cfg.quant.bits, n_init, cfg.search.temperature, seed,
@@ -155,10 +155,10 @@ def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
     """tune_configs/tiny.yaml's own search (its sampler, first points, trial count, concurrency and ASHA) replayed
     for `seeds` search seeds on the fine-tuning peak, as the default run minimises it: front size, trials
     completed, repeated configurations."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.pareto import pareto_mask
 
-    cfg = config_from_dict(tiny_recipe())
+    cfg = resolved_config(tiny_recipe())
     use_memory(table, "peak")
     out = []
     for seed in range(seeds):

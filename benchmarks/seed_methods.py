@@ -22,7 +22,7 @@ from benchmarks.common import fresh_cache, mean_std, run_search, tiny_recipe, wr
 
 def pruning(work: Path, seeds: list[int]) -> dict:
     from qpruner.builtin import ensure_tiny
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.evaluate import evaluate_model, perplexity
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import run_trial
@@ -35,13 +35,13 @@ def pruning(work: Path, seeds: list[int]) -> dict:
     for method in ("taylor", "slimgpt"):
         raw = tiny_recipe(prune={"method": method, "ratio": 0.3, "calibration": {"source": str(calib), "n_samples": 16, "seq_len": 64}},
                           output={"cache_dir": str(cache)})
-        cfg = config_from_dict(raw)
+        cfg = resolved_config(raw)
         pruned = prune_cached(cfg, progress=False)
         model, tok = load_pruned(pruned.path)
         before = evaluate_model(model, tok, cfg.eval, cache_dir=cfg.output.cache)
         arms = {}
         for bits in (4, 8):
-            accs = [run_trial(config_from_dict({**raw, "finetune": {**raw["finetune"], "seed": s}}), str(pruned.path),
+            accs = [run_trial(resolved_config({**raw, "finetune": {**raw["finetune"], "seed": s}}), str(pruned.path),
                               [bits] * 6)["accuracy"] for s in seeds]
             arms[f"uniform-{bits} after recovery"] = mean_std(accs)
         out[method] = {"prune_seconds": pruned.seconds, "overall_ratio": pruned.overall_ratio,

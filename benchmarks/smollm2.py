@@ -152,10 +152,10 @@ def wikitext_ppl(model, ids, window: int = 512, chunks: int = 40) -> float:
 def zero_shot(model, tokenizer, files: dict, limit: int, batch_size: int = 16, cache: Optional[Path] = None) -> dict:
     """lm-eval's seven tasks on the local rows, first `limit` documents each: per task acc, acc_norm, their
     standard errors and n; `mean` is the papers' metric averaged (acc_norm for HellaSwag, ARC, OBQA, PIQA)."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.evaluate import load_tasks, mean_acc, resolve_tasks, run_tasks, wrap_model
 
-    cfg = config_from_dict({"eval": {"tasks": list(TASKS), "local_data": {t: files[t] for t in TASKS},
+    cfg = resolved_config({"eval": {"tasks": list(TASKS), "local_data": {t: files[t] for t in TASKS},
                                      "limit": limit, "batch_size": batch_size},
                             **({"output": {"cache_dir": str(cache)}} if cache else {})})
     names, paths = resolve_tasks(cfg.eval, cfg.output.cache)

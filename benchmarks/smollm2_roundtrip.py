@@ -49,7 +49,7 @@ def main() -> None:
     gguf, data = smollm2_gguf(), shared_data()
 
     from qpruner.builtin import ensure_tiny
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.export import export_trial
     from qpruner.model import gguf_folder
     from qpruner.prune import load_pruned, prune_cached
@@ -63,7 +63,7 @@ def main() -> None:
         started = time.time()
         gguf_folder(gguf, cache)
         timings["gguf_convert_s"] = time.time() - started
-        cfg = config_from_dict({
+        cfg = resolved_config({
             "model": {"name": str(gguf)},
             "prune": {"ratio": 0.2, "calibration": {"source": str(data / "text/gutenberg_1342/1342-0.txt"),
                                                     "n_samples": 8, "seq_len": 128}},

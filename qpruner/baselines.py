@@ -24,19 +24,20 @@ def load(run: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def measure(name: str, cfg_dict: dict, pruned_path: str, n_layers: int) -> dict:
-    """Ray task body: one baseline as a row shaped like a results.parquet row."""
+def measure(name: str, plan) -> dict:
+    """Ray task body: one baseline of the driver's run plan (qpruner.plan.RunPlan) as a results row."""
+    cfg_dict = plan.config
     bits = sorted({*cfg_dict["quant"]["bits"], 16})  # 16 may lie outside the search space
     cfg = config_from_dict({**cfg_dict, "quant": {**cfg_dict["quant"], "bits": bits}})
     if name == "uniform-16":
         from qpruner.trial import run_trial
 
-        result = run_trial(cfg, pruned_path, [16] * n_layers)
+        result = run_trial(cfg, plan.pruned_path, [16] * plan.n_layers, tasks=plan.tasks)
         return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"],
                    result["task_acc_norm"])
     if name == "apt":
-        return apt_no_retraining(cfg)
-    return unpruned(cfg)
+        return apt_no_retraining(cfg, plan.tasks.held_out)
+    return unpruned(cfg, plan.tasks.held_out)
 
 
 def apt_sparsity(cfg: Config):
@@ -47,10 +48,10 @@ def apt_sparsity(cfg: Config):
     return cfg.prune.sparsity if cfg.prune.method in SPARSE_METHODS else cfg.prune.ratio
 
 
-def apt_no_retraining(cfg: Config) -> dict:
+def apt_no_retraining(cfg: Config, held_out: dict[str, int]) -> dict:
     """The source model APT-pruned (same calibration, the shared prune cache) at matching sparsity, evaluated
     zero-shot without quantization or fine-tuning; memory is its dense weights (zeros stored)."""
-    from qpruner.evaluate import evaluate_model, held_out_docs
+    from qpruner.evaluate import evaluate_model
     from qpruner.memory import weight_bytes
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import pick_device
@@ -58,22 +59,22 @@ def apt_no_retraining(cfg: Config) -> dict:
     prune = {**dataclasses.asdict(cfg.prune), "method": "apt", "ratio": 0.0, "sparsity": apt_sparsity(cfg)}
     apt_cfg = config_from_dict({**cfg.to_dict(), "prune": prune, "search": {**cfg.to_dict()["search"], "importance": "mi"}})
     model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
     bits = [16] * len(model.model.layers)
     return row("apt", bits, ev["mean_acc"], {t: r["acc"] for t, r in ev["tasks"].items()}, None,
                weight_bytes(model, bits, cfg.quant)["total"])
 
 
-def unpruned(cfg: Config) -> dict:
+def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
     """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
-    from qpruner.evaluate import evaluate_model, held_out_docs
+    from qpruner.evaluate import evaluate_model
     from qpruner.memory import weight_bytes
     from qpruner.model import load_model
     from qpruner.trial import pick_device
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code,
                                   pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
+    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],
                {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights,
@@ -87,19 +88,20 @@ def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_byte
             **{f"acc_norm_{t}": a for t, a in (task_acc_norm or {}).items()}}
 
 
-def run_baselines(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict) -> dict[str, dict]:
+def run_baselines(plan) -> dict[str, dict]:
     """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all."""
     import ray
 
     from qpruner.errors import ray_get
 
+    cfg, out, resources = plan.cfg, Path(plan.out), plan.resources
     done = load(out)
     todo = [b for b in cfg.search.baselines if b not in done]
     if not todo:
         return done
     print(f"[qpruner] baselines: measuring {', '.join(todo)}", flush=True)
     task = ray.remote(measure).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
-    pending = {task.remote(b, cfg.to_dict(), pruned_path, n_layers): b for b in todo}
+    pending = {task.remote(b, plan): b for b in todo}
     while pending:
         ready, _ = ray.wait(list(pending))
         name = pending.pop(ready[0])

@@ -2,7 +2,9 @@
 
 A config file has the sections below; every key is optional and falls back to the default here.
 `load_config(path)` raises `ConfigError` naming the field path (e.g. `prune.ratio`) and what is
-allowed, so every CLI can print one line and exit 2 instead of a traceback.
+allowed, so every CLI can print one line and exit 2 instead of a traceback. Parsing reads nothing but
+the YAML: checks against the disk (`check_local_paths`) and `builtin` run once on the driver
+(qpruner.plan.resolve_config).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ModelConfig:
     def validate(self, path: str) -> None:
         if self.name.startswith(BUILTIN_PREFIX) and self.name != "builtin:tiny":
             raise ConfigError(f"{path}.name", f"unknown built-in model {self.name!r}; the built-in model is 'builtin:tiny'")
+
+    def check_paths(self, path: str) -> None:
         local = Path(self.name).expanduser()
         if local.suffix == ".gguf":
             if not local.is_file():
@@ -64,6 +68,8 @@ class CalibrationConfig:
     def validate(self, path: str) -> None:
         _positive(self.n_samples, f"{path}.n_samples")
         _positive(self.seq_len, f"{path}.seq_len")
+
+    def check_paths(self, path: str) -> None:
         _check_local_file(self.source, f"{path}.source")
 
 
@@ -206,6 +212,8 @@ class FinetuneConfig:
             raise ConfigError(f"{path}.batch_size", f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.max_examples is not None:
             _positive(self.max_examples, f"{path}.max_examples")
+
+    def check_paths(self, path: str) -> None:
         _check_local_file(self.data, f"{path}.data")
 
 
@@ -234,11 +242,16 @@ class EvalConfig:
                 where = f"{path}.{name}.{task}"
                 if Path(file).suffix not in DATA_SUFFIXES:
                     raise ConfigError(where, f"{file!r} must end in {', '.join(DATA_SUFFIXES)} (HF dataset rows)")
-                if not Path(file).expanduser().is_file():
-                    raise ConfigError(where, f"file {file!r} does not exist; convert the data first (benchmarks/convert_data.py)")
         if self.limit is not None:
             _positive(self.limit, f"{path}.limit")
         _positive(self.batch_size, f"{path}.batch_size")
+
+    def check_paths(self, path: str) -> None:
+        for name in ("local_data", "val_data"):
+            for task, file in getattr(self, name).items():
+                if not Path(file).expanduser().is_file():
+                    raise ConfigError(f"{path}.{name}.{task}", f"file {file!r} does not exist; convert the data first "
+                                      "(benchmarks/convert_data.py)")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
             raise ConfigError(f"{path}.include_path", f"folder {self.include_path!r} does not exist")
 
@@ -316,12 +329,16 @@ class ResourcesConfig:
     cpu: float = 1
     gpu: Union[float, Literal["auto"]] = 0
     threads: Optional[int] = None  # torch threads per trial (null = cpu)
+    # GPUs asked for but not in the cluster yet (an autoscaler booting GPU workers): seconds to wait for them
+    gpu_wait_s: float = 900
 
     def validate(self, path: str) -> None:
         if not self.cpu > 0:
             raise ConfigError(f"{path}.cpu", f"must be > 0, got {self.cpu}")
         if self.gpu != "auto" and not 0 <= self.gpu <= 1:
             raise ConfigError(f"{path}.gpu", f"must be a fraction in (0, 1], 0 for CPU, or 'auto'; got {self.gpu}")
+        if not self.gpu_wait_s >= 0:
+            raise ConfigError(f"{path}.gpu_wait_s", f"must be >= 0 seconds (0 = fail at once), got {self.gpu_wait_s}")
 
 
 @dataclass
@@ -390,13 +407,20 @@ def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from plain data (YAML, JSON, a Tune checkpoint)."""
+    """Build and validate a Config from plain data (YAML, JSON, a run plan). No side effects: it reads no
+    disk and builds nothing; the driver checks local files and resolves `builtin` once
+    (qpruner.plan.resolve_config)."""
     cfg = _build(Config, raw, "")
     _validate_all(cfg, "")
-    from qpruner.builtin import resolve_builtin  # lazy: building the tiny model imports torch
-
-    resolve_builtin(cfg)  # after this no stage sees `builtin`: only plain local paths
     return cfg
+
+
+def check_local_paths(cfg: Config) -> None:
+    """The checks that read the disk (local files and folders named in the config exist), run once on the
+    driver by qpruner.plan.resolve_config, each a ConfigError naming the field."""
+    for name in ("model", "finetune", "eval"):
+        getattr(cfg, name).check_paths(name)
+    cfg.prune.calibration.check_paths("prune.calibration")
 
 
 # ---------------------------------------------------------------------------------------------

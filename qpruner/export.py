@@ -49,13 +49,16 @@ def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = Non
 
 
 def find_adapter(run: Path, trial_id: str) -> Path:
-    found = sorted((run / "tune").glob(f"*{trial_id}*/adapter"))
-    if not found:
-        raise QPrunerError(
-            f"trial {trial_id} kept no adapter (output.keep_adapters keeps only the Pareto front by default); "
-            "export a front trial or rerun with output.keep_adapters: all"
-        )
-    return found[0]
+    """The trial's adapter in the run folder (`adapters/<trial id>`, where every node writes it)."""
+    from qpruner.results import adapter_path
+
+    adapter = adapter_path(run, trial_id)
+    if (adapter / "adapter_config.json").is_file():
+        return adapter
+    raise QPrunerError(
+        f"trial {trial_id} has no adapter in {adapter.parent}: output.keep_adapters keeps only the Pareto front by "
+        "default (export a front trial, or rerun with output.keep_adapters: all), and 'none' keeps no adapter"
+    )
 
 
 def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:

@@ -18,19 +18,17 @@ from qpruner.config import Config
 from qpruner.errors import ConfigError
 
 
-def importance_task(cfg_dict: dict, pruned_path: str) -> list[float]:
-    """Ray task body: the pruned model's per-layer importance with the configured method."""
-    import torch
-
-    from qpruner.config import config_from_dict
+def importance_task(plan) -> list[float]:
+    """Ray task body: the pruned model's per-layer importance with the configured method, from the
+    driver's run plan (qpruner.plan.RunPlan); a GPU only if Ray gave this task one."""
+    from qpruner.plan import task_device
     from qpruner.prune import load_pruned
 
-    cfg = config_from_dict(cfg_dict)
+    cfg = plan.cfg
     if cfg.search.importance == "taylor":
-        return taylor_importance(pruned_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_pruned(pruned_path, dtype=cfg.quant.compute_dtype, device=device)
-    return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=pruned_path)
+        return taylor_importance(plan.pruned_path)
+    model, tokenizer = load_pruned(plan.pruned_path, dtype=cfg.quant.compute_dtype, device=task_device())
+    return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=plan.pruned_path)
 
 
 def layer_importance(model, tokenizer, cfg: Config, method: str, cache_dir: Optional[str | Path] = None,

@@ -102,6 +102,19 @@ def load_model(name: str, dtype: str = "float32", cache_dir: Optional[Path] = No
     return model.eval(), tokenizer
 
 
+def parameter_bytes(name: str, cache_dir: Optional[Path] = None, dtype: str = "float32") -> int:
+    """Bytes of the model's weights in `dtype`, counted on the meta device from its config (no weights read)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    _, config, _ = check_model(name, cache_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    count = sum(p.numel() for p in model.parameters())
+    return count * torch.finfo(getattr(torch, dtype)).bits // 8
+
+
 def first_line(exc: BaseException, width: int = 200) -> str:
     """The first line of an exception's message (or its type), cut to `width` characters."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]

@@ -9,40 +9,24 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
 from qpruner.config import Config
 
+if TYPE_CHECKING:
+    from qpruner.plan import TaskPlan
+
 Report = Callable[[dict], None]
 
 
-def preflight(cfg: Config) -> None:
-    """Load (not just name) every input a trial reads before any work starts: the model config, every
-    eval and validation task's data, the fine-tuning data and the calibration text. Offline (the CLI
-    default) an unreachable input is one line naming the field within seconds, not a failure minutes
-    into a search."""
-    from qpruner.data import calibration_texts
-    from qpruner.evaluate import check_hub_data, load_tasks, resolve_tasks, validated_tasks, validation_tasks
-    from qpruner.finetune import load_alpaca
-    from qpruner.model import check_model
-
-    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
-    val = validation_tasks(cfg)
-    check_hub_data(names + [n for n in val[0] if n not in names], paths)  # the usual offline failure, in ~1 s
-    check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)
-    load_alpaca(cfg.finetune.data, cfg.output.cache)
-    if cfg.prune.calibrates:
-        calibration_texts(cfg.prune.calibration, cfg.output.cache)
-    load_tasks(tuple(names), tuple(paths))
-    validated_tasks(cfg)
-
-
 def pick_device(cfg: Config) -> str:
-    """CUDA when the trial was given a GPU (or gpu: auto) and one is visible, else CPU."""
-    wants_gpu = cfg.resources.gpu == "auto" or cfg.resources.gpu > 0
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    """CUDA when the trial was given a GPU (or gpu: auto) and one is usable here: inside Ray, only a GPU
+    that Ray assigned to this task (qpruner.plan.task_device)."""
+    from qpruner.plan import task_device
+
+    return task_device(wants_gpu=cfg.resources.gpu == "auto" or cfg.resources.gpu > 0)
 
 
 def run_trial(
@@ -54,6 +38,7 @@ def run_trial(
     adapter_dir: Optional[str | Path] = None,
     progress: bool = False,
     measure: Optional[Callable[[torch.nn.Module, object], dict]] = None,
+    tasks: Optional["TaskPlan"] = None,
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
@@ -62,10 +47,12 @@ def run_trial(
     peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
     `measure`, if given, is called as measure(trained peft model, tokenizer) in eval mode after the evaluation; its dict
     joins the result as "measured" (benchmarks use it for perplexity on text that lm-eval does not hold).
+    `tasks` is the run plan's resolved tasks (qpruner.plan.TaskPlan); without it (one trial on its own
+    machine) they are resolved here.
     """
     from peft import get_peft_model
 
-    from qpruner.evaluate import eval_mode, evaluate_model, held_out_docs, make_validator
+    from qpruner.evaluate import eval_mode, eval_record, evaluate_model, held_out_docs, make_validator
     from qpruner.finetune import finetune
     from qpruner.loftq import apply_loftq_adapters, loftq_for_model
     from qpruner.memory import memory_report, weight_storage
@@ -110,7 +97,8 @@ def run_trial(
     timings["finetune_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
+    skip = tasks.held_out if tasks is not None else held_out_docs(cfg)
+    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=skip)
     timings["eval_s"] = time.perf_counter() - t
 
     measured = None
@@ -125,8 +113,7 @@ def run_trial(
         "bits": list(bits),
         "ranks": ranks,
         "accuracy": ev["mean_acc"],
-        "task_acc": {name: r["acc"] for name, r in ev["tasks"].items()},
-        "task_acc_norm": {name: r.get("acc_norm") for name, r in ev["tasks"].items()},
+        **eval_record(ev),  # task_acc, task_acc_norm, task_ppl, subtask_acc, subtask_acc_norm, task_docs
         **ft.last_validation,
         "train_loss": ft.losses[-1] if ft.losses else None,
         "steps": ft.steps,
@@ -188,6 +175,7 @@ def save_adapter(peft_model, bits: Sequence[int], ranks: Optional[Sequence[int]]
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from qpruner.cli import base_parser, load_cli_config, set_offline_defaults
+    from qpruner.plan import preflight, resolve_config
     from qpruner.prune import prune_cached
     from qpruner.quantize import parse_bits
 
@@ -197,15 +185,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ranks", default=None, help="optional LoRA rank per layer, e.g. 8,8,16,4")
     parser.add_argument("--adapter-out", default=None, help="folder to save the trained adapter in")
     args = parser.parse_args(argv)
-    cfg = load_cli_config(args)
-    preflight(cfg)
+    cfg = resolve_config(load_cli_config(args))
+    tasks = preflight(cfg)
     pruned = prune_cached(cfg)
     from qpruner.prune import pruned_layer_count
 
     n_layers = pruned_layer_count(pruned.path)
     bits = parse_bits(args.bits, n_layers, cfg.quant.bits)
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
-    result = run_trial(cfg, pruned.path, bits, ranks=ranks, adapter_dir=args.adapter_out, progress=True)
+    result = run_trial(cfg, pruned.path, bits, ranks=ranks, adapter_dir=args.adapter_out, progress=True, tasks=tasks)
     print(json.dumps(result))
     return 0
 

@@ -8,8 +8,10 @@ command (or `--resume`) continues the run with `Tuner.restore`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Any, Optional, Sequence
 import yaml
 from ray.tune import Callback
 
-from qpruner.config import Config, config_from_dict, load_config
+from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
 from qpruner.pareto import TIMINGS
+from qpruner.plan import RunPlan, check_storage, make_plan
+from qpruner.results import ADAPTERS, adapter_path
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
@@ -31,9 +35,11 @@ VALIDATION_RECORD = "validation.json"  # where each task's quick validation read
 # The trainable: one Tune trial = one call of qpruner.trial.run_trial.
 
 
-def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: int, out_dir: Optional[str] = None) -> None:
+def trial_trainable(config: dict, plan: RunPlan) -> None:
     """Ray Tune function trainable: decode the bits from `config`, run the trial, report as it goes.
 
+    Everything comes from the driver's `plan`; the adapter goes into the run folder (shared by every
+    node), not into Tune's trial folder, which on a worker node is a staging folder that is never synced.
     A trial that results.parquet already holds as finished (it ended just before a driver kill, after
     Tune's last snapshot, so a resumed run starts it again) is answered from that row, not trained twice.
     """
@@ -42,16 +48,18 @@ def trial_trainable(config: dict, cfg_dict: dict, pruned_path: str, n_layers: in
     from qpruner.search import bits_from_config, ranks_from_config
     from qpruner.trial import run_trial
 
-    recorded = recorded_result(Path(out_dir), tune.get_context().get_trial_id()) if out_dir else None
+    trial_id = tune.get_context().get_trial_id()
+    recorded = recorded_result(Path(plan.out), trial_id)
     if recorded is not None:
         tune.report(recorded)
         return
-    cfg = config_from_dict(cfg_dict)
-    bits = bits_from_config(config, n_layers)
-    ranks = ranks_from_config(config, n_layers)
-    adapter_dir = Path(tune.get_context().get_trial_dir()) / "adapter"
+    cfg = plan.cfg
+    bits = bits_from_config(config, plan.n_layers)
+    ranks = ranks_from_config(config, plan.n_layers)
     keep = cfg.output.keep_adapters != "none"
-    result = run_trial(cfg, pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir if keep else None)
+    adapter_dir = adapter_path(Path(plan.out), trial_id) if keep else None
+    result = run_trial(cfg, plan.pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir,
+                       tasks=plan.tasks)
     tune.report(result)
 
 
@@ -210,28 +218,31 @@ def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool
     return False
 
 
-def init_out_dir(out: Path, cfg: Config, overwrite: bool) -> None:
-    """Start a fresh output folder: the run key (to recognise it later) and the resolved config."""
+def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> None:
+    """Start a fresh output folder: the run key of the user's recipe `cfg` (to recognise it later) and the
+    resolved config (local paths absolute: report and export read it)."""
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
     (out / "run.json").write_text(json.dumps({"run_key": run_key(cfg), "created": time.time()}))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """The per-trial Ray resources; `gpu: auto` means a GPU fraction of 1/concurrency where GPUs exist."""
+    """The per-trial Ray resources; `gpu: auto` means a GPU fraction of 1/concurrency where GPUs exist.
+
+    GPUs the cluster does not have yet are asked of the autoscaler (see `wait_for_gpus`); `auto` on a
+    cluster without GPUs says so, and refuses a model that would not fit in a node's memory."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
     gpu = cfg.resources.gpu
+    if gpu != "auto" and gpu > 0:
+        wait_for_gpus(cfg, gpu)
+    gpus = ray.cluster_resources().get("GPU", 0)
     if gpu == "auto":
         gpu = min(1.0, gpus / cfg.search.concurrency) if gpus else 0.0
-    elif gpu > 0 and gpus == 0:
-        raise QPrunerError(
-            f"resources.gpu: {gpu} GPU per trial asked, but the Ray cluster has no GPU; "
-            "set resources.gpu: 0 (CPU) or 'auto', or start GPU workers (cluster.yaml)"
-        )
+        if not gpus:
+            check_fits_cpu_nodes(cfg)
     if cfg.resources.cpu > ray.cluster_resources().get("CPU", 0):
         raise QPrunerError(
             f"resources.cpu: {cfg.resources.cpu} CPUs per trial asked, but the cluster has "
@@ -240,24 +251,73 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
 
 
-def first_configs(cfg: Config, pruned_path: str, n_layers: int, resources: dict) -> tuple[list[dict], list[float] | None]:
+def wait_for_gpus(cfg: Config, gpu: float) -> None:
+    """GPUs asked for but not (yet) in the cluster: ask the autoscaler for one trial's worth per concurrent
+    trial and wait up to `resources.gpu_wait_s`, printing progress, before failing in one line. Without an
+    autoscaler the request is a no-op and the wait shows that no GPU node joins."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if ray.cluster_resources().get("GPU", 0) >= gpu:
+        return
+    wait = cfg.resources.gpu_wait_s
+    if wait > 0:
+        bundle = {"GPU": gpu, "CPU": cfg.resources.cpu}
+        request_resources(bundles=[bundle] * cfg.search.concurrency)
+        started = time.time()
+        last = 0.0
+        while time.time() - started < wait:
+            if ray.cluster_resources().get("GPU", 0) >= gpu:
+                print(f"[qpruner] GPUs joined after {time.time() - started:.0f}s", flush=True)
+                return
+            if time.time() - last >= 15:
+                last = time.time()
+                print(f"[qpruner] waiting for GPU nodes: {ray.cluster_resources().get('GPU', 0):g} GPU in the cluster, "
+                      f"{gpu:g} per trial asked; {time.time() - started:.0f}s of resources.gpu_wait_s {wait:g}s", flush=True)
+            time.sleep(1)
+    raise QPrunerError(
+        f"resources.gpu: {gpu:g} GPU per trial asked, but the Ray cluster has "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPU after waiting {wait:g}s (resources.gpu_wait_s); start GPU "
+        "workers (cluster.yaml), wait longer, or set resources.gpu: 0 (CPU) or 'auto'"
+    )
+
+
+def check_fits_cpu_nodes(cfg: Config) -> None:
+    """`gpu: auto` found no GPU: say trials run on CPUs, and refuse a model whose weights alone would not
+    fit in the largest node's memory (a 7B model silently trained on CPUs is not what anyone wants)."""
+    import ray
+
+    from qpruner.model import parameter_bytes
+
+    need = parameter_bytes(cfg.model.name, cfg.output.cache, cfg.quant.compute_dtype)
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if need and largest and need > largest:
+        raise QPrunerError(
+            f"resources.gpu: 'auto' found no GPU in the Ray cluster, and the model's weights ({need / 1024**3:.1f} GB in "
+            f"{cfg.quant.compute_dtype}) exceed the largest node's memory ({largest / 1024**3:.1f} GB); start GPU workers "
+            "and set resources.gpu: 1 (qpruner then waits for them), or use a smaller model"
+        )
+    print("[qpruner] resources.gpu: auto found no GPU in the Ray cluster: trials run on CPUs", flush=True)
+
+
+def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None]:
     """The first Tune configs: importance-aware bit vectors (QPruner's probabilistic decision) or random
     ones, with per-layer ranks drawn the same way when ranks are searched (anchors keep lora.rank)."""
     import ray
 
     from qpruner.importance import importance_task
+    from qpruner.memory import shapes_from_config, weight_bytes
     from qpruner.search import config_from_bits, initial_configs, initial_ranks, random_configs
 
+    cfg, n_layers = plan.cfg, plan.n_layers
     search = cfg.search
     if search.init == "random":
         bits = random_configs(n_layers, cfg.quant.bits, search.n_init, search.seed)
         ranks = random_configs(n_layers, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
-    task = ray.remote(importance_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
-    importance = ray_get(task.remote(cfg.to_dict(), pruned_path))
-    from qpruner.memory import shapes_from_config, weight_bytes
-
-    shapes = shapes_from_config(json.loads((Path(pruned_path) / "config.json").read_text()))
+    task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
+    importance = ray_get(task.remote(plan))
+    shapes = shapes_from_config(plan.pruned_config)
     bits = initial_configs(importance, cfg.quant.bits, search.n_init, search.temperature, search.seed, anchors=search.anchors,
                            weight_fn=lambda b: weight_bytes(shapes, b, cfg.quant)["total"])  # pruned layers differ in size
     ranks = [None] * len(bits)
@@ -276,16 +336,14 @@ def asha_max_t(cfg: Config) -> int:
     return min(before_end, cfg.search.asha.max_t) if cfg.search.asha.max_t else before_end
 
 
-def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resources: dict, points: list, restore: bool):
+def build_tuner(plan: RunPlan, points: list, restore: bool):
     """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
     from ray import tune
 
     from qpruner.search import make_searcher, param_space
 
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_trainable, cfg_dict=cfg.to_dict(), pruned_path=pruned_path, n_layers=n_layers, out_dir=str(out)),
-        resources,
-    )
+    cfg, out, n_layers = plan.cfg, Path(plan.out), plan.n_layers
+    trainable = tune.with_resources(tune.with_parameters(trial_trainable, plan=plan), plan.resources)
     if restore:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, restart_errored=False)
     scheduler = None
@@ -315,7 +373,7 @@ def build_tuner(cfg: Config, out: Path, pruned_path: str, n_layers: int, resourc
     )
 
 
-def finish(out: Path, cfg: Config, grid) -> None:
+def finish(out: Path, cfg: Config) -> None:
     """Pareto table, report, and (by default) drop the adapters of trials off the front."""
     import pyarrow.parquet as pq
 
@@ -323,71 +381,62 @@ def finish(out: Path, cfg: Config, grid) -> None:
     from qpruner.report import write_report
 
     front = pq.read_table(out / "pareto.parquet")
-    if cfg.output.keep_adapters == "pareto":
+    if cfg.output.keep_adapters == "pareto" and (out / ADAPTERS).is_dir():
         keep = set(front.column("trial_id").to_pylist())
-        for result in grid:
-            adapter = Path(result.path) / "adapter"
-            if result.metrics.get("trial_id") not in keep and adapter.is_dir():
+        for adapter in (out / ADAPTERS).iterdir():
+            if adapter.name not in keep:
                 shutil.rmtree(adapter, ignore_errors=True)
     write_report(out)
     print_front(front)
     print(f"[qpruner] results: {out / 'results.parquet'}  front: {out / 'pareto.parquet'}  plot: {out / 'pareto.png'}")
 
 
+def start_ray(address: Optional[str], dashboard: bool, env: dict[str, str]) -> None:
+    """Join the cluster at `address` (or start a local one) with the driver's environment for every worker."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    local = {"include_dashboard": dashboard, "dashboard_host": "127.0.0.1"} if address is None else {}
+    ray.init(address=address, configure_logging=False, log_to_driver=True, runtime_env={"env_vars": env}, **local)
+
+
 def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
         dashboard: bool = True) -> Path:
     """The whole search; returns the output folder."""
-    import ray
-
-    from qpruner.prune import prune_with_ray, pruned_layer_count
-
-    import os
-
-    from qpruner.trial import preflight
+    from qpruner.prune import prune_with_ray
+    from qpruner.search import bits_from_config, check_memory_budget, ranks_from_config
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # snapshot the (small) search state every second
     out = out.resolve()
     restore = check_out_dir(out, cfg, resume, overwrite)
-    preflight(cfg)
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            configure_logging=False,
-            log_to_driver=True,
-        )
-    resources = trial_resources(cfg)
+    plan = make_plan(cfg, out)  # resolved once, here: every task and trial gets this plan
+    start_ray(address, dashboard, plan.env)
+    plan = dataclasses.replace(plan, resources=trial_resources(plan.cfg))
+    check_storage({"the run folder (--out)": out, "the cache": plan.cfg.output.cache})
     if not restore:
-        init_out_dir(out, cfg, overwrite)
-        from qpruner.evaluate import validation_plan
-
-        (out / VALIDATION_RECORD).write_text(json.dumps(validation_plan(cfg)))
+        init_out_dir(out, cfg, plan.cfg, overwrite)
+        (out / VALIDATION_RECORD).write_text(json.dumps(plan.tasks.validation))
     started = time.time()
-    pruned = prune_with_ray(cfg, num_gpus=resources["gpu"] and 1.0)
+    pruned = prune_with_ray(plan.cfg, num_gpus=1.0 if plan.resources['gpu'] else 0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)
-    n_layers = pruned_layer_count(pruned.path)
-    from qpruner.search import check_memory_budget
-
-    check_memory_budget(cfg, json.loads((Path(pruned.path) / "config.json").read_text()))  # before any trial
+    plan = plan.with_pruned(pruned.path)
+    check_memory_budget(plan.cfg, plan.pruned_config)  # before any trial
     marker = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**marker, "pruned_path": str(pruned.path)}))
     points: list = []
     if not restore:
-        points, importance = first_configs(cfg, str(pruned.path), n_layers, resources)
-        from qpruner.search import bits_from_config, ranks_from_config
-
-        initial = {"initial": [bits_from_config(p, n_layers) for p in points]}
-        if cfg.search.ranks:
-            initial["initial_ranks"] = [ranks_from_config(p, n_layers) for p in points]
+        points, importance = first_configs(plan)
+        initial = {"initial": [bits_from_config(p, plan.n_layers) for p in points]}
+        if plan.cfg.search.ranks:
+            initial["initial_ranks"] = [ranks_from_config(p, plan.n_layers) for p in points]
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
-    tuner = build_tuner(cfg, out, str(pruned.path), n_layers, resources, points, restore)
-    grid = tuner.fit()
-    if cfg.search.baselines:
+    build_tuner(plan, points, restore).fit()
+    if plan.cfg.search.baselines:
         from qpruner.baselines import run_baselines
 
-        run_baselines(cfg, out, str(pruned.path), n_layers, resources)
-    finish(out, cfg, grid)
+        run_baselines(plan)
+    finish(out, plan.cfg)
     print(f"[qpruner] search took {time.time() - started:.1f}s", flush=True)
     return out
 

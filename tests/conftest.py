@@ -32,9 +32,9 @@ def cache(tmp_path_factory, tiny_assets):
 @pytest.fixture()
 def tiny_config():
     """The default Config: builtin:tiny with default settings."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
 
-    return config_from_dict({})
+    return resolved_config({})
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
 from qpruner.model import load_model
 from qpruner.evaluate import perplexity
@@ -100,7 +100,7 @@ def test_apt_error_below_baselines():
 
 
 def sparse_cfg(cache: Path, **prune):
-    return config_from_dict({"prune": {"ratio": 0, **prune}, "output": {"cache_dir": str(cache)}})
+    return resolved_config({"prune": {"ratio": 0, **prune}, "output": {"cache_dir": str(cache)}})
 
 
 @pytest.mark.parametrize("raw,field", [
@@ -112,7 +112,7 @@ def sparse_cfg(cache: Path, **prune):
 ])
 def test_bad_sparsity_config_names_the_field(raw, field):
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"prune": raw})
+        resolved_config({"prune": raw})
     assert info.value.field == field
 
 
@@ -178,17 +178,18 @@ def test_trial_and_no_retraining_baseline_on_an_apt_model(cache):
     import yaml
 
     from qpruner.baselines import apt_no_retraining
+    from qpruner.evaluate import held_out_docs
     from qpruner.trial import run_trial
 
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
     raw["prune"] = {"method": "apt", "ratio": 0, "sparsity": "2:4"}
     raw["finetune"].update(steps=4, report_every=2, val_limit=8)
     raw["output"] = {"cache_dir": str(cache)}
-    cfg = config_from_dict(raw)
+    cfg = resolved_config(raw)
     path = prune_cached(cfg, progress=False).path
     result = run_trial(cfg, path, [4, 8, 4, 8, 4, 8])
     assert result["steps"] == 4 and 0 < result["accuracy"] <= 1
     assert result["weight_storage"] == "dense (sparsity 2:4: zeros stored)"
     assert result["weight_bytes"] > 0 and result["memory_bytes"] > result["weight_bytes"]
-    baseline = apt_no_retraining(cfg)
+    baseline = apt_no_retraining(cfg, held_out_docs(cfg))
     assert baseline["label"] == "APT, no retraining" and baseline["memory_bytes"] is None and 0 < baseline["accuracy"] <= 1

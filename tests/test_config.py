@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from qpruner.config import ConfigError, config_from_dict, load_config
+from qpruner.plan import resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_paper_recipes_match_the_paper():
 )
 def test_bad_values_name_the_field(raw, field, words):
     with pytest.raises(ConfigError) as err:
-        config_from_dict(raw)
+        resolved_config(raw)  # parsing catches values; the driver's resolution catches missing files
     assert err.value.field == field
     assert words in str(err.value) and "\n" not in str(err.value)
 
@@ -64,4 +65,18 @@ def test_missing_file(tmp_path):
 
 def test_model_folder_without_config_json(tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
-        config_from_dict({"model": {"name": str(tmp_path)}})
+        resolved_config({"model": {"name": str(tmp_path)}})
+
+
+def test_parsing_reads_no_disk_and_builds_nothing(tmp_path, monkeypatch):
+    """What every Ray task and trial does with the plan's config: no file checks, no tiny model build."""
+    monkeypatch.setenv("QPRUNER_CACHE", str(tmp_path / "cache"))
+    raw = {"model": {"name": "./no/such/model"}, "finetune": {"data": "./missing.json"},
+           "eval": {"tasks": ["boolq"], "local_data": {"boolq": str(tmp_path / "absent.jsonl")}}}
+    cfg = config_from_dict(raw)
+    assert cfg.model.name == "./no/such/model" and not (tmp_path / "cache").exists()
+    assert config_from_dict({}).model.name == "builtin:tiny"  # resolved only on the driver
+    assert not (tmp_path / "cache").exists()
+    import qpruner.config as config_module
+
+    assert "qpruner.builtin" not in config_module.__dict__ and "resolve_builtin" not in Path(config_module.__file__).read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_pruning_nothing_reproduces_the_original_logits(family, tied, make_folde
     folder = make_folder(family, tied)
     original, tokenizer = load_model(str(folder))
     assert original.config.model_type == family
-    cfg = config_from_dict({"model": {"name": str(folder)}, "prune": {"ratio": 0.0}, "output": {"cache_dir": str(cache)}})
+    cfg = resolved_config({"model": {"name": str(folder)}, "prune": {"ratio": 0.0}, "output": {"cache_dir": str(cache)}})
     result = prune_cached(cfg, progress=False)
     assert result.params_after == result.params_before
     pruned, _ = load_pruned(result.path)
@@ -103,7 +103,7 @@ def test_pruned_model_reloads_to_the_same_logits(family, tied, method, make_fold
 
     model, tokenizer = load_model(str(make_folder(family, tied)))
     before = sum(p.numel() for p in model.parameters())
-    pcfg = config_from_dict({"prune": {"ratio": 0.1, "method": method}}).prune
+    pcfg = resolved_config({"prune": {"ratio": 0.1, "method": method}}).prune
     (prune_slimgpt if method == "slimgpt" else prune_model)(model, calibration(tokenizer), pcfg, progress=False)
     assert sum(p.numel() for p in model.parameters()) < before
     expected = logits(model, tokenizer)
@@ -143,7 +143,7 @@ def test_standalone_loader_reproduces_pruned_logits_without_qpruner(make_folder,
     for family in FAMILIES:
         for tied in (True, False):
             model, tokenizer = load_model(str(make_folder(family, tied)))
-            prune_model(model, [], config_from_dict({"prune": {"ratio": 0.1, "method": "random"}}).prune, progress=False)
+            prune_model(model, [], resolved_config({"prune": {"ratio": 0.1, "method": "random"}}).prune, progress=False)
             folder = tmp_path / f"{family}-{tied}"
             save_pruned(model, tokenizer, folder, {})
             batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
@@ -197,7 +197,7 @@ def test_exported_adapter_reloads_to_the_trials_accuracy(family, tied, make_fold
     from qpruner.prune import prune_cached
     from qpruner.trial import run_trial
 
-    cfg = config_from_dict({
+    cfg = resolved_config({
         "model": {"name": str(make_folder(family, tied))}, "prune": {"ratio": 0.1, "method": "random"},
         "quant": {"bits": [4, 8, 16]}, "lora": {"rank": 4},
         "finetune": {"steps": 2, "report_every": 2, "val_limit": 8, "max_length": 64},

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
 
 
 def test_missing_gguf_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^model.name: GGUF file .* does not exist"):
-        config_from_dict({"model": {"name": str(tmp_path / "absent.gguf")}})
+        resolved_config({"model": {"name": str(tmp_path / "absent.gguf")}})
 
 
 def test_report_says_the_weights_carry_the_gguf_rounding():

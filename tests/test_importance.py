@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.importance import importance_task
 
 
@@ -17,11 +17,13 @@ from qpruner.importance import importance_task
 def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
     from qpruner.prune import prune_cached
 
-    cfg = config_from_dict({"prune": {"ratio": 0.3}, "search": {"importance": method}})
-    path = prune_cached(cfg, progress=False).path
-    scores = importance_task(cfg.to_dict(), str(path))
+    from qpruner.plan import make_plan
+
+    cfg = resolved_config({"prune": {"ratio": 0.3}, "search": {"importance": method}})
+    plan = make_plan(cfg, Path("unused")).with_pruned(prune_cached(cfg, progress=False).path)  # what the driver hands on
+    scores = importance_task(plan)
     assert len(scores) == 6 and all(np.isfinite(scores)) and min(scores) > 0 and len(set(scores)) > 1
-    assert scores == importance_task(cfg.to_dict(), str(path))  # deterministic
+    assert scores == importance_task(plan)  # deterministic
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +42,7 @@ def pruned(tiny_assets):
     """(model, tokenizer, cfg) of the builtin tiny model pruned by 30%: what `importance_task` scores."""
     from qpruner.prune import load_pruned, prune_cached
 
-    cfg = config_from_dict({"prune": {"ratio": 0.3}})
+    cfg = resolved_config({"prune": {"ratio": 0.3}})
     model, tok = load_pruned(str(prune_cached(cfg, progress=False).path), dtype=cfg.quant.compute_dtype, device="cpu")
     return model, tok, cfg
 
@@ -146,7 +148,7 @@ def test_multiple_input_yes_no_and_rolling_tasks_work(tiny_assets, tmp_path):
     for task, rows in {"winogrande": WINOGRANDE, "boolq": BOOLQ, "wikitext": WIKITEXT}.items():
         files[task] = str(tmp_path / f"{task}.jsonl")
         Path(files[task]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = config_from_dict({"eval": {"tasks": list(files), "local_data": files}})
+    cfg = resolved_config({"eval": {"tasks": list(files), "local_data": files}})
     model, tok = load_model(str(tiny_assets.model_dir))
     tasks = load_tasks(*validation_tasks(cfg, tmp_path))["tasks"]
     x, y = task_samples(model, tok, tasks["winogrande"], docs=slice(0, 12))

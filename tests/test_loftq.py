@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.loftq import apply_loftq_adapters, approximation, cache_file, loftq_for_model, loftq_matrix, quant_dequant
 from qpruner.prune import load_pruned, prune_cached
 from qpruner.quantize import lora_config_for, quantize_model
@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def pruned(tiny_assets):
-    cfg = config_from_dict({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}})
+    cfg = resolved_config({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}})
     return cfg, prune_cached(cfg, progress=False).path
 
 
@@ -62,7 +62,7 @@ def test_cache_second_trial_runs_no_svd_for_seen_layer_bits(pruned, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files
     third, s3 = loftq_for_model(model, [4, 4, 8, 8, 8, 8], cfg, tmp_path, "other-model")
     assert s3.hits == 0 and s3.svds == 6 * 7  # the key includes the model
-    iters0 = config_from_dict({"lora": {"loftq_iters": 0}})
+    iters0 = resolved_config({"lora": {"loftq_iters": 0}})
     assert loftq_for_model(model, [4] * 6, iters0, tmp_path, "k") == ({}, type(s1)())
 
 
@@ -84,7 +84,7 @@ def test_loftq_adapters_bring_the_peft_model_closer_to_full_precision(pruned, tm
     from peft import get_peft_model
 
     cfg, path = pruned
-    cfg = config_from_dict({"prune": {"ratio": 0.3}, "lora": {"alpha": alpha, "loftq_iters": iters, "dropout": 0.0}})
+    cfg = resolved_config({"prune": {"ratio": 0.3}, "lora": {"alpha": alpha, "loftq_iters": iters, "dropout": 0.0}})
     full, tok = load_pruned(path)
     ids = tok("the bakof lives in the forest . the bakof eats fish .", return_tensors="pt").input_ids
     with torch.no_grad():

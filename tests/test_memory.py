@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.memory import (MemoryReport, activation_bytes, finetune_peak_estimate, linear_bytes, lora_bytes,
                             memory_report, model_shapes, weight_bytes)
 from qpruner.prune import load_pruned, prune_cached
@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def pruned(tiny_assets):
-    cfg = config_from_dict({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}})
+    cfg = resolved_config({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}})
     return cfg, prune_cached(cfg, progress=False).path
 
 
@@ -53,7 +53,7 @@ QUANT = [{}, {"double_quant": False}, {"quant_type": "fp4", "blocksize": 128}, {
 @pytest.mark.parametrize("quant", QUANT)
 def test_weight_bytes_equal_the_bytes_real_bnb_modules_hold(pruned, bits, quant):
     cfg, path = pruned
-    qcfg = config_from_dict({"quant": {"bits": [4, 8, 16], **quant}}).quant
+    qcfg = resolved_config({"quant": {"bits": [4, 8, 16], **quant}}).quant
     model, _ = load_pruned(path, dtype=qcfg.compute_dtype)
     predicted = weight_bytes(model, bits, qcfg)  # before quantization, from shapes
     quantize_model(model, bits, qcfg)
@@ -86,7 +86,7 @@ def test_weight_bytes_grow_with_any_single_layer_and_sum_over_layers(pruned):
 
 
 def test_linear_bytes_by_hand():
-    qcfg = config_from_dict({}).quant  # nf4, blocksize 64, double quant, fp32 compute
+    qcfg = resolved_config({}).quant  # nf4, blocksize 64, double quant, fp32 compute
     # 128 x 161: 20608 weights -> 10304 packed bytes, 322 blocks -> 322 uint8 absmax + 2 fp32 second-level
     # absmax + 256 fp32 code + fp32 offset, + the 16-entry fp32 NF4 code
     assert linear_bytes(128, 161, 4, qcfg) == 10304 + 322 + 4 * (2 + 256 + 1) + 64
@@ -120,7 +120,7 @@ def test_activation_estimate_is_close_to_what_autograd_saves(pruned):
     from peft import get_peft_model
 
     cfg, path = pruned
-    cfg = config_from_dict({"finetune": {"micro_batch_size": 2, "max_length": 64, "batch_size": 2}})
+    cfg = resolved_config({"finetune": {"micro_batch_size": 2, "max_length": 64, "batch_size": 2}})
     model, _ = load_pruned(path)
     model.config._attn_implementation = "eager"
     quantize_model(model, [4, 8, 16, 4, 8, 4], cfg.quant)
@@ -146,11 +146,11 @@ def test_shapes_from_config_match_the_loaded_pruned_model(tiny_assets, tmp_path)
     """The search prices bit vectors from config.json alone; that must equal the bytes of the real model."""
     import json
 
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.memory import model_shapes, shapes_from_config, weight_bytes
     from qpruner.prune import load_pruned, prune_cached
 
-    cfg = config_from_dict({"prune": {"ratio": 0.3, "method": "slimgpt"}})  # layers of different widths
+    cfg = resolved_config({"prune": {"ratio": 0.3, "method": "slimgpt"}})  # layers of different widths
     path = prune_cached(cfg, progress=False).path
     from_config = shapes_from_config(json.loads((path / "config.json").read_text()))
     from_model = model_shapes(load_pruned(path)[0])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_every_derived_task_loads_through_lm_eval_and_scores_the_tiny_model(fixt
     """The derived task keeps lm-eval's name, prompts and metrics; only the rows come from the file."""
     from qpruner.evaluate import load_tasks, resolve_tasks, run_tasks
 
-    cfg = config_from_dict({"eval": {"tasks": list(ROWS), "local_data": fixtures}})
+    cfg = resolved_config({"eval": {"tasks": list(ROWS), "local_data": fixtures}})
     started = time.perf_counter()
     names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
     loaded = load_tasks(tuple(names), tuple(paths))
@@ -126,7 +127,7 @@ def test_every_derived_task_loads_through_lm_eval_and_scores_the_tiny_model(fixt
 def test_val_data_becomes_a_val_twin_and_builtin_twins_are_found(fixtures, tmp_path, tiny_config):
     from qpruner.evaluate import load_tasks, tasks_without_validation_split, validation_tasks
 
-    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": fixtures["arc_easy"]},
+    cfg = resolved_config({"eval": {"tasks": ["boolq", "arc_easy"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": fixtures["arc_easy"]},
                                      "val_data": {"boolq": fixtures["boolq"]}}})
     names, paths = validation_tasks(cfg)
     assert names == ("boolq_val", "arc_easy")
@@ -138,13 +139,13 @@ def test_val_data_becomes_a_val_twin_and_builtin_twins_are_found(fixtures, tmp_p
 
 def test_local_data_errors_name_the_field(fixtures, tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.local_data\.boolq: file .* does not exist"):
-        config_from_dict({"eval": {"tasks": ["boolq"], "local_data": {"boolq": str(tmp_path / "nope.jsonl")}}})
+        resolved_config({"eval": {"tasks": ["boolq"], "local_data": {"boolq": str(tmp_path / "nope.jsonl")}}})
     with pytest.raises(ConfigError, match=r"eval\.local_data\.boolq: .* must end in"):
-        config_from_dict({"eval": {"tasks": ["boolq"], "local_data": {"boolq": fixtures["boolq"] + ".csv"}}})
+        resolved_config({"eval": {"tasks": ["boolq"], "local_data": {"boolq": fixtures["boolq"] + ".csv"}}})
     with pytest.raises(ConfigError, match=r"eval\.local_data: must be a mapping"):
-        config_from_dict({"eval": {"local_data": ["boolq"]}})
+        resolved_config({"eval": {"local_data": ["boolq"]}})
     with pytest.raises(ConfigError, match=r"eval\.local_data\.boolq: must be a string"):
-        config_from_dict({"eval": {"local_data": {"boolq": 3}}})
+        resolved_config({"eval": {"local_data": {"boolq": 3}}})
 
 
 def test_builtin_resolves_to_plain_paths_at_load(tiny_assets, tiny_config):
@@ -153,7 +154,7 @@ def test_builtin_resolves_to_plain_paths_at_load(tiny_assets, tiny_config):
     assert tiny_config.prune.calibration.source == str(tiny_assets.corpus_path)
     assert tiny_config.eval.tasks == list(tiny_assets.test_tasks)
     assert tiny_config.eval.include_path == str(tiny_assets.tasks_dir)
-    again = config_from_dict(tiny_config.to_dict())  # what Ray workers and recorded runs rebuild
+    again = config_from_dict(tiny_config.to_dict())  # what Ray workers and recorded runs rebuild: no resolution
     assert again.to_dict() == tiny_config.to_dict()
 
 
@@ -183,12 +184,12 @@ def test_unreachable_task_fails_preflight_fast_with_one_line_and_no_out(tmp_path
 
 def test_preflight_unreachable_task_itself_under_5s(tmp_path, monkeypatch):
     """The preflight check alone (imports done) takes well under 5 s for an unreachable hub task."""
-    from qpruner.trial import preflight
+    from qpruner.plan import preflight
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    cfg = config_from_dict({"eval": {"tasks": ["arc_easy"]}})
+    cfg = resolved_config({"eval": {"tasks": ["arc_easy"]}})
     started = time.perf_counter()
     with pytest.raises(ConfigError, match="eval.local_data.arc_easy"):
         preflight(cfg)
@@ -250,7 +251,7 @@ def test_quick_validation_scores_the_gold_answer_as_lm_eval_does_on_every_task_t
     from qpruner.evaluate import gold_requests, gold_scores, load_tasks, resolve_tasks, run_tasks
 
     tasks = [t for t in ROWS if t != "wikitext"]
-    cfg = config_from_dict({"eval": {"tasks": tasks, "local_data": fixtures}})
+    cfg = resolved_config({"eval": {"tasks": tasks, "local_data": fixtures}})
     loaded = load_tasks(*map(tuple, resolve_tasks(cfg.eval, cfg.output.cache)))
     lm_eval_acc = run_tasks(tiny_lm, loaded)
     for name in tasks:
@@ -270,7 +271,7 @@ def test_a_task_without_another_split_holds_its_validation_docs_out_of_the_final
 
     rows = [dict(ROWS["arc_easy"][i % 2], id=f"e{i}") for i in range(5)]
     arc = write_rows(tmp_path / "arc_easy.jsonl", rows)
-    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": str(arc),
+    cfg = resolved_config({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"], "local_data": {"boolq": fixtures["boolq"], "arc_easy": str(arc),
                                      "wikitext": fixtures["wikitext"]}, "val_data": {"boolq": fixtures["boolq"]}}, "finetune": {"val_limit": 2}})
     assert held_out_docs(cfg) == {"arc_easy": 2}  # wikitext has no gold answer: never validated, nothing held out
     plan = validation_plan(cfg)
@@ -297,7 +298,7 @@ def test_stock_hub_tasks_validate_on_their_other_split(cache):
 
     from qpruner.evaluate import derived_tasks_dir, tasks_without_validation_split, validation_plan, validation_tasks
 
-    cfg = config_from_dict({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"]}, "output": {"cache_dir": str(cache)}})
+    cfg = resolved_config({"eval": {"tasks": ["boolq", "arc_easy", "wikitext"]}, "output": {"cache_dir": str(cache)}})
     names, _ = validation_tasks(cfg)
     assert names == ("boolq_val", "arc_easy_val", "wikitext")
     derived = derived_tasks_dir(cfg.eval, cache)

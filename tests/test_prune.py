@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import QPrunerError
 from qpruner.evaluate import perplexity
 from qpruner.prune import load_pruned, prune_cached, prune_with_ray
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(cache: Path, **prune):
-    return config_from_dict({"prune": prune, "output": {"cache_dir": str(cache)}})
+    return resolved_config({"prune": prune, "output": {"cache_dir": str(cache)}})
 
 
 @pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second", "calibration": {"n_samples": 6}}, {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
@@ -74,7 +74,7 @@ def test_taylor_importance_beats_random_groups(cache, tiny_config):
 
     taylor = accuracy(cfg_for(cache, ratio=0.3))
     random_accs = [
-        accuracy(config_from_dict({"prune": {"ratio": 0.3, "method": "random", "calibration": {"seed": s}}, "output": {"cache_dir": str(cache)}}))
+        accuracy(resolved_config({"prune": {"ratio": 0.3, "method": "random", "calibration": {"seed": s}}, "output": {"cache_dir": str(cache)}}))
         for s in (1, 2, 3, 4)
     ]
     print(f"mean acc at 30%: taylor {taylor:.3f}, random {[round(a, 3) for a in random_accs]}")
@@ -194,16 +194,16 @@ def test_unfinished_folder_is_not_taken_as_done(cache):
 def test_ray_task_prunes_once(cache):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, runtime_env={"env_vars": {"QPRUNER_CACHE": str(cache)}})
-    try:
-        cfg = config_from_dict({"prune": {"ratio": 0.35}})
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:  # the cache path travels in the resolved config: the task prunes into it whatever its own environment says
+        cfg = resolved_config({"prune": {"ratio": 0.35}, "output": {"cache_dir": str(cache)}})
         first = prune_with_ray(cfg)
         written = (first.path / "model.safetensors").stat().st_mtime_ns
         started = time.time()
         second = prune_with_ray(cfg)
         took = time.time() - started
         with pytest.raises(QPrunerError, match=r"^prune\.ratio: 0\.9 cannot be reached"):  # one line, not a Ray traceback
-            prune_with_ray(config_from_dict({"prune": {"ratio": 0.9}}))
+            prune_with_ray(resolved_config({"prune": {"ratio": 0.9}, "output": {"cache_dir": str(cache)}}))
     finally:
         ray.shutdown()
     assert not first.cached and second.cached and took < 10

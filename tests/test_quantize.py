@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.errors import QPrunerError
 from qpruner.loftq import loftq_for_model, quant_dequant
 from qpruner.quantize import lora_config_for, parse_bits, quantize_model, validate_bits
@@ -63,7 +63,7 @@ def test_bad_bit_vectors_are_one_line():
 
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128)])
 def test_every_decoder_linear_gets_its_layers_bnb_module(quant_type, double_quant, blocksize):
-    qcfg = config_from_dict({"quant": {"bits": [4, 8, 16], "quant_type": quant_type,
+    qcfg = resolved_config({"quant": {"bits": [4, 8, 16], "quant_type": quant_type,
                                        "double_quant": double_quant, "blocksize": blocksize}}).quant
     model = irregular_llama()
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -95,7 +95,7 @@ def test_every_decoder_linear_gets_its_layers_bnb_module(quant_type, double_quan
 
 def test_base_weight_is_exactly_what_loftq_assumed(tmp_path):
     """The bnb module's dequantized weight equals quant_dequant(W - B_{T-1} A_{T-1}) bit for bit."""
-    cfg = config_from_dict({"quant": {"bits": [4, 8, 16]}, "lora": {"loftq_iters": 2, "rank": 4}})
+    cfg = resolved_config({"quant": {"bits": [4, 8, 16]}, "lora": {"loftq_iters": 2, "rank": 4}})
     model = irregular_llama()
     bits = [4, 8, 4, 8, 16, 4]
     inits, _ = loftq_for_model(model, bits, cfg, tmp_path, "irregular")
@@ -114,7 +114,7 @@ def test_peft_wraps_bnb_layers_with_its_bnb_lora_classes_and_mixed_bits_train_on
 
     from qpruner.loftq import apply_loftq_adapters
 
-    cfg = config_from_dict({"quant": {"bits": [4, 8, 16]}})
+    cfg = resolved_config({"quant": {"bits": [4, 8, 16]}})
     model = irregular_llama()
     bits = [4, 8, 16, 4, 8, 16]
     ranks = [8, 4, 8, 2, 8, 8]
@@ -142,11 +142,11 @@ def test_peft_wraps_bnb_layers_with_its_bnb_lora_classes_and_mixed_bits_train_on
 
 
 def test_unsupported_embedding_quantization_is_one_line():
-    cfg = config_from_dict({"quant": {"quantize_lm_head": True}})
+    cfg = resolved_config({"quant": {"quantize_lm_head": True}})
     with pytest.raises(QPrunerError, match="quant.quantize_embeddings / quant.quantize_lm_head"):
         quantize_model(irregular_llama(), [4] * 6, cfg.quant)
     with pytest.raises(QPrunerError, match="bits: got 2 entries"):
-        quantize_model(irregular_llama(), [4, 8], config_from_dict({}).quant)
+        quantize_model(irregular_llama(), [4, 8], resolved_config({}).quant)
 
 
 def _outlier_layer_and_input(n: int = 256):
@@ -194,7 +194,7 @@ def test_int8_threshold_is_validated_and_travels_with_the_settings():
     from qpruner.errors import ConfigError
     from qpruner.quantize import settings
 
-    assert settings(config_from_dict({}).quant)["int8_threshold"] == 6.0
-    assert settings(config_from_dict({"quant": {"int8_threshold": 0}}).quant)["int8_threshold"] == 0.0
+    assert settings(resolved_config({}).quant)["int8_threshold"] == 6.0
+    assert settings(resolved_config({"quant": {"int8_threshold": 0}}).quant)["int8_threshold"] == 0.0
     with pytest.raises(ConfigError, match="quant.int8_threshold"):
-        config_from_dict({"quant": {"int8_threshold": -1}})
+        resolved_config({"quant": {"int8_threshold": -1}})

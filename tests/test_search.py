@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from qpruner.config import config_from_dict
+from qpruner.plan import resolved_config
 from qpruner.search import (
     bit_probabilities,
     bits_from_config,
@@ -89,7 +89,7 @@ def test_multi_objective_search_runs_first_points_first(ray_local, tmp_path, sam
         bits = bits_from_config(config, 4)
         tune.report({"accuracy": 0.5 + 0.1 * (bits[0] + bits[1]) / 8, "memory_gb": sum(bits) / 100, "final": True})
 
-    cfg = config_from_dict({"search": {"sampler": sampler, "concurrency": 1, "num_samples": 6}})
+    cfg = resolved_config({"search": {"sampler": sampler, "concurrency": 1, "num_samples": 6}})
     first = [config_from_bits([8, 8, 4, 4]), config_from_bits([4, 4, 4, 4])]
     searcher = make_searcher(cfg, 4, first)
     tuner = tune.Tuner(
@@ -122,7 +122,7 @@ def test_searcher_tells_optuna_about_stopped_and_failed_trials(ray_local, tmp_pa
             acc = 0.1 * sum(bits) / 4 + 0.01 * step
             tune.report({"val_acc": acc, "accuracy": acc, "memory_gb": sum(bits) / 100, "final": step == 3})
 
-    cfg = config_from_dict({"search": {"sampler": "tpe", "concurrency": 1, "seed": 1}})
+    cfg = resolved_config({"search": {"sampler": "tpe", "concurrency": 1, "seed": 1}})
     first = [config_from_bits(b) for b in ([8, 8, 8], [4, 4, 4], [4, 4, 8], [4, 8, 8], [8, 4, 4], [8, 8, 4])]
     searcher = make_searcher(cfg, 3, first)
     scheduler = ASHAScheduler(metric="val_acc", mode="max", max_t=4, grace_period=1, reduction_factor=2)
@@ -158,7 +158,7 @@ def test_no_configuration_is_trained_twice(ray_local, tmp_path, sampler):
         bits = bits_from_config(config, 2)
         tune.report({"accuracy": bits[0] / 8, "memory_gb": sum(bits) / 100, "final": True})
 
-    cfg = config_from_dict({"search": {"sampler": sampler, "concurrency": 2, "seed": 0}})
+    cfg = resolved_config({"search": {"sampler": sampler, "concurrency": 2, "seed": 0}})
     record = tmp_path / "searcher.json"
     searcher = make_searcher(cfg, 2, [config_from_bits([4, 4]), config_from_bits([4, 4])], record_path=record)
     grid = tune.Tuner(
@@ -181,7 +181,7 @@ def test_rank_search_accepts_bit_only_first_points(ray_local, tmp_path):
         ranks = ranks_from_config(config, 2)
         tune.report({"accuracy": sum(ranks) / 32, "memory_gb": sum(bits_from_config(config, 2)) / 100})
 
-    cfg = config_from_dict({"search": {"sampler": "random", "concurrency": 1, "ranks": [4, 8, 16]}})
+    cfg = resolved_config({"search": {"sampler": "random", "concurrency": 1, "ranks": [4, 8, 16]}})
     searcher = make_searcher(cfg, 2, [config_from_bits([8, 4])])
     grid = tune.Tuner(
         toy_trainable,
@@ -211,7 +211,7 @@ def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(
     from qpruner.prune import prune_cached
     from qpruner.search import BUDGET, check_memory_budget, smallest_memory_gb
 
-    cfg = config_from_dict({"search": {"sampler": "tpe", "max_memory_gb": 0.5, "concurrency": 4}})
+    cfg = resolved_config({"search": {"sampler": "tpe", "max_memory_gb": 0.5, "concurrency": 4}})
     searcher = make_searcher(cfg, 2, [config_from_bits([8, 8]), config_from_bits([4, 4])])
     assert searcher.set_search_properties(None, None, param_space(2, [4, 8]))
     assert searcher.suggest("big") and searcher.suggest("small")
@@ -221,10 +221,10 @@ def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(
     assert trials[(8, 8)].constraints == {BUDGET: pytest.approx(0.2)}
     assert trials[(4, 4)].constraints == {BUDGET: pytest.approx(-0.25)}
 
-    cfg = config_from_dict({"prune": {"ratio": 0.3}})
+    cfg = resolved_config({"prune": {"ratio": 0.3}})
     pruned = json.loads((prune_cached(cfg, progress=False).path / "config.json").read_text())
     floor = smallest_memory_gb(cfg, pruned)
     assert floor > 0
-    check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor * 1.01}}), pruned)
+    check_memory_budget(resolved_config({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor * 1.01}}), pruned)
     with pytest.raises(ConfigError, match=r"search.max_memory_gb.*raise it above"):
-        check_memory_budget(config_from_dict({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor / 2}}), pruned)
+        check_memory_budget(resolved_config({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor / 2}}), pruned)

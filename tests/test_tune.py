@@ -193,10 +193,10 @@ def test_asha_rungs_never_sit_at_the_last_step(steps, every, cap, expected):
     training done) or 5 (the final evaluation); its rungs are then 1 and 2."""
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.tune import asha_max_t
 
-    cfg = config_from_dict({"finetune": {"steps": steps, "report_every": every}, "search": {"asha": {"max_t": cap}}})
+    cfg = resolved_config({"finetune": {"steps": steps, "report_every": every}, "search": {"asha": {"max_t": cap}}})
     max_t = asha_max_t(cfg)
     assert max_t == expected
     if max_t:
@@ -222,7 +222,7 @@ def test_intermediate_reports_carry_the_analytic_peak_not_a_pre_training_measure
 def test_memory_objective_weights_and_a_nonpositive_budget():
     """search.memory_objective: weights makes memory the quantized weights alone, in every report;
     max_memory_gb must be positive (one ConfigError naming the field)."""
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.errors import ConfigError
     from qpruner.memory import MemoryReport
     from qpruner.trial import progress_memory
@@ -230,6 +230,6 @@ def test_memory_objective_weights_and_a_nonpositive_budget():
     memory = MemoryReport(100, 10, 250, 400, "measured")
     assert memory.objective("weights") == 100 and memory.objective() == 400
     assert progress_memory(memory, "weights")["memory_bytes"] == 100
-    assert config_from_dict({"search": {"memory_objective": "weights"}}).search.memory_objective == "weights"
+    assert resolved_config({"search": {"memory_objective": "weights"}}).search.memory_objective == "weights"
     with pytest.raises(ConfigError, match="search.max_memory_gb"):
-        config_from_dict({"search": {"max_memory_gb": 0}})
+        resolved_config({"search": {"max_memory_gb": 0}})

@@ -11,16 +11,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     set_offline_defaults(argv)
     parser = base_parser("python -m qpruner.prune", "Prune a model once (cached) and store it in Hugging Face format.")
     args = parser.parse_args(argv)
-    cfg = load_cli_config(args)
     from qpruner.model import check_model
+    from qpruner.plan import resolve_config, worker_env
 
+    cfg = resolve_config(load_cli_config(args))
     check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)  # before Ray starts
 
     import ray
 
     from qpruner.prune import prune_with_ray
 
-    ray.init(include_dashboard=False, configure_logging=False)  # log_to_driver: the worker's progress bar shows here
+    # log_to_driver: the worker's progress bar shows here
+    ray.init(include_dashboard=False, configure_logging=False, runtime_env={"env_vars": worker_env(cfg)})
     try:
         result = prune_with_ray(cfg, progress=True)
     finally:

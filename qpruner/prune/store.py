@@ -126,8 +126,10 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     from qpruner.prune.sparse import prune_sparse, zero_count
     from qpruner.prune.taylor import prune_model
 
+    from qpruner.plan import task_device
+
     started = time.time()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = task_device()  # inside Ray: only a GPU the prune task was given
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code, device,
                                   allow_pickle=cfg.model.allow_pickle)
     before = sum(p.numel() for p in model.parameters())
@@ -166,7 +168,9 @@ def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
 
 
 def prune_with_ray(cfg: Config, num_gpus: float = 0, progress: bool = False) -> PruneResult:
-    """Run `prune_cached` as a Ray task (on a GPU node when asked) and wait for it; the Tune driver calls this.
+    """Run `prune_cached` as a Ray task (on a GPU node when asked) and wait for it; the Tune driver calls
+    this with its resolved config (qpruner.plan.resolve_config: the cache path is absolute, so the result
+    lands in the shared cache whichever node prunes).
 
     A user mistake found in the task (e.g. an unreachable ratio) is raised here as the same one-line error.
     """
@@ -178,7 +182,8 @@ def prune_with_ray(cfg: Config, num_gpus: float = 0, progress: bool = False) -> 
     return ray_get(task.remote(cfg.to_dict(), progress))
 
 
-def _prune_task(cfg_dict: dict, progress: bool) -> PruneResult:
+def _prune_task(config: dict, progress: bool) -> PruneResult:
+    """Ray task body: prune the driver's resolved config (parsing it reads no disk)."""
     from qpruner.config import config_from_dict
 
-    return prune_cached(config_from_dict(cfg_dict), progress=progress)
+    return prune_cached(config_from_dict(config), progress=progress)
