@@ -45,7 +45,7 @@ def build_table(raw: dict) -> dict:
 
     from qpruner.plan import resolved_config
     from qpruner.prune import prune_cached, pruned_layer_count
-    from qpruner.importance import importance_task
+    from qpruner.importance import pruned_importance
 
     cfg = resolved_config(raw)
     pruned = prune_cached(cfg, progress=False)
@@ -53,7 +53,7 @@ def build_table(raw: dict) -> dict:
     rows = {}
     for bits in tqdm(list(itertools.product(*[cfg.quant.bits] * n)), desc="phase 1: every configuration"):
         rows[",".join(map(str, bits))] = run_recorded(cfg, str(pruned.path), list(bits))
-    return {"n_layers": n, "importance": importance_task(cfg.to_dict(), str(pruned.path)),
+    return {"n_layers": n, "importance": pruned_importance(cfg, str(pruned.path)),
             "max_steps": cfg.finetune.steps, "rows": rows}
 
 

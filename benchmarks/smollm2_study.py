@@ -104,17 +104,17 @@ class Study:
                 **self.ppl(model, tokenizer)}
 
     def prune(self, **prune) -> "object":
-        from qpruner.config import config_from_dict
+        from qpruner.plan import resolved_config
         from qpruner.prune import prune_cached
 
-        return prune_cached(config_from_dict(self.raw(prune=prune)), progress=False)
+        return prune_cached(resolved_config(self.raw(prune=prune)), progress=False)
 
     def trial(self, pruned_path: str, bits: list[int], **sections) -> dict:
         """One qpruner trial (quantize, LoftQ, fine-tune, evaluate) plus perplexity; the row's figures."""
-        from qpruner.config import config_from_dict
+        from qpruner.plan import resolved_config
         from qpruner.trial import run_trial
 
-        cfg = config_from_dict(self.raw(**sections))
+        cfg = resolved_config(self.raw(**sections))
         r = run_trial(cfg, pruned_path, bits, measure=self.ppl)
         tasks = {}
         for t in TASKS:
@@ -130,13 +130,13 @@ class Study:
 
 def mi_first_mixed(study: Study, pruned, method: str = "mi") -> tuple[list[float], list[int]]:
     """The pruned model's layer importance and the search's first importance-drawn (non-anchor) configuration."""
-    from qpruner.config import config_from_dict
-    from qpruner.importance import importance_task
+    from qpruner.plan import resolved_config
+    from qpruner.importance import pruned_importance
     from qpruner.memory import shapes_from_config, weight_bytes
     from qpruner.search import initial_configs
 
-    cfg = config_from_dict(study.raw(search={"importance": method}, quant={"bits": [4, 8]}))
-    importance = importance_task(cfg.to_dict(), str(pruned.path))
+    cfg = resolved_config(study.raw(search={"importance": method}, quant={"bits": [4, 8]}))
+    importance = pruned_importance(cfg, str(pruned.path))
     shapes = shapes_from_config(json.loads((Path(pruned.path) / "config.json").read_text()))
     configs = initial_configs(importance, cfg.quant.bits, cfg.search.n_init, cfg.search.temperature, cfg.search.seed,
                               weight_fn=lambda b: weight_bytes(shapes, b, cfg.quant)["total"])
@@ -206,11 +206,11 @@ def table1(args, cache: Path) -> None:
     def unpruned():
         model, tok = load_model(str(study.inputs["gguf"]), "float32", cache)
         from qpruner.memory import weight_bytes
-        from qpruner.config import config_from_dict
+        from qpruner.plan import resolved_config
 
         n = model.config.num_hidden_layers
         return {**study.zero_shot_row(model, tok),
-                "weight_bytes": weight_bytes(model, [16] * n, config_from_dict(study.raw()).quant)["total"]}
+                "weight_bytes": weight_bytes(model, [16] * n, resolved_config(study.raw()).quant)["total"]}
 
     cells.run("unpruned", lambda: measured_elsewhere(study, "smollm2_table1_*.json", "unpruned", same=("limit", "ppl_windows")) or unpruned())
     pruned = study.prune(ratio=ratio)

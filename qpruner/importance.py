@@ -19,16 +19,20 @@ from qpruner.errors import ConfigError
 
 
 def importance_task(plan) -> list[float]:
-    """Ray task body: the pruned model's per-layer importance with the configured method, from the
-    driver's run plan (qpruner.plan.RunPlan); a GPU only if Ray gave this task one."""
+    """Ray task body: the pruned model's per-layer importance from the driver's run plan (qpruner.plan.RunPlan)."""
+    return pruned_importance(plan.cfg, plan.pruned_path)
+
+
+def pruned_importance(cfg: Config, pruned_path: str) -> list[float]:
+    """The pruned model's per-layer importance with the configured method (`search.importance`); inside
+    Ray, a GPU only if Ray gave this task one."""
     from qpruner.plan import task_device
     from qpruner.prune import load_pruned
 
-    cfg = plan.cfg
     if cfg.search.importance == "taylor":
-        return taylor_importance(plan.pruned_path)
-    model, tokenizer = load_pruned(plan.pruned_path, dtype=cfg.quant.compute_dtype, device=task_device())
-    return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=plan.pruned_path)
+        return taylor_importance(pruned_path)
+    model, tokenizer = load_pruned(pruned_path, dtype=cfg.quant.compute_dtype, device=task_device())
+    return layer_importance(model, tokenizer, cfg, cfg.search.importance, pruned_path=pruned_path)
 
 
 def layer_importance(model, tokenizer, cfg: Config, method: str, cache_dir: Optional[str | Path] = None,

@@ -114,9 +114,9 @@ def test_paper_metric_is_acc_norm_where_llm_pruner_reports_it():
 
 
 def test_eval_metric_is_validated():
-    from qpruner.config import config_from_dict
+    from qpruner.plan import resolved_config
     from qpruner.errors import ConfigError
 
-    assert config_from_dict({}).eval.metric == "paper"
+    assert resolved_config({}).eval.metric == "paper"
     with pytest.raises(ConfigError, match="eval.metric"):
-        config_from_dict({"eval": {"metric": "f1"}})
+        resolved_config({"eval": {"metric": "f1"}})
