@@ -24,6 +24,13 @@ def load(run: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int,
+        task_acc_norm: Optional[dict] = None) -> dict:
+    from qpruner.results import baseline_record
+
+    return baseline_record(name, LABELS[name], bits, accuracy, task_acc, memory_bytes, weight_bytes, task_acc_norm)
+
+
 def measure(name: str, plan) -> dict:
     """Ray task body: one baseline of the driver's run plan (qpruner.plan.RunPlan) as a results row."""
     cfg_dict = plan.config
@@ -81,18 +88,12 @@ def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
                {t: r.get("acc_norm") for t, r in ev["tasks"].items()})
 
 
-def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int,
-        task_acc_norm: Optional[dict] = None) -> dict:
-    return {"trial_id": f"baseline:{name}", "label": LABELS[name], "bits": bits, "accuracy": accuracy,
-            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()},
-            **{f"acc_norm_{t}": a for t, a in (task_acc_norm or {}).items()}}
-
-
 def run_baselines(plan) -> dict[str, dict]:
     """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all."""
     import ray
 
     from qpruner.errors import ray_get
+    from qpruner.results import write_json_atomic
 
     cfg, out, resources = plan.cfg, Path(plan.out), plan.resources
     done = load(out)
@@ -106,5 +107,5 @@ def run_baselines(plan) -> dict[str, dict]:
         ready, _ = ray.wait(list(pending))
         name = pending.pop(ready[0])
         done[name] = ray_get(ready[0])
-        (out / FILE).write_text(json.dumps(done, indent=1))
+        write_json_atomic(done, out / FILE)
     return done

@@ -8,8 +8,6 @@ status. The hypervolume reference point is chosen once per run and stored in the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,77 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-GB = 1024**3
-TIMINGS = ("quantize_s", "loftq_s", "finetune_s", "eval_s")
-OBJECTIVES = {"accuracy": "max", "memory_bytes": "min"}
+from qpruner.results import (
+    GB, column_label, merge_previous, metric_columns, results_table, with_reference, write_parquet_atomic,
+)
+
 REF_MEMORY_FACTOR = 1.1
-SCHEMA_VERSION = "1"
-
-# The columns every results table has, in this order; `acc_<task>` columns follow. Lists use Parquet's
-# item name 'element' so a table read back has exactly the schema it was written with.
-FIXED = pa.schema([
-    ("trial_id", pa.string()), ("status", pa.string()), ("bits", pa.list_(pa.field("element", pa.int8()))),
-    ("ranks", pa.list_(pa.field("element", pa.int16()))),
-    ("accuracy", pa.float64()), ("val_logprob", pa.float64()), ("val_acc", pa.float64()), ("memory_bytes", pa.int64()), ("memory_gb", pa.float64()),
-    ("memory_source", pa.string()), ("weight_bytes", pa.int64()), ("lora_bytes", pa.int64()),
-    ("peak_estimate_bytes", pa.int64()), ("peak_measured_bytes", pa.int64()), ("train_loss", pa.float64()),
-    ("stopped_early", pa.bool_()), ("iterations", pa.int32()), ("steps", pa.int32()), ("max_steps", pa.int32()),
-    ("wall_seconds", pa.float64()), ("quantize_s", pa.float64()), ("loftq_s", pa.float64()), ("finetune_s", pa.float64()),
-    ("eval_s", pa.float64()), ("error", pa.string()), ("started_at", pa.float64()),
-])
-
-
-# ---------------------------------------------------------------------------------------------
-# The results table.
-
-
-def _column(records: Sequence[dict], name: str) -> list:
-    if name == "stopped_early":
-        return [r.get("status") == "stopped_early" for r in records]
-    if name == "memory_gb":
-        return [None if r.get("memory_bytes") is None else r["memory_bytes"] / GB for r in records]
-    if name in TIMINGS:
-        return [(r.get("timings") or {}).get(name) for r in records]
-    return [r.get(name) for r in records]
-
-
-def metric_columns(names: Sequence[str]) -> list[str]:
-    """The per-task metric columns in results_table's order: every acc_<task>, then every acc_norm_<task>."""
-    norm = sorted(c for c in names if c.startswith("acc_norm_"))
-    return sorted(c for c in names if c.startswith("acc_") and c not in norm) + norm
-
-
-def column_label(column: str) -> str:
-    """A table header that says the metric: acc_norm_hellaswag -> 'hellaswag (acc_norm)'."""
-    metric = "acc_norm" if column.startswith("acc_norm_") else "acc"
-    return f"{column[len(metric) + 1:]} ({metric})"
-
-
-def results_table(records: Sequence[dict]) -> pa.Table:
-    """One row per trial: the FIXED columns, then `acc_<task>` and `acc_norm_<task>` per task seen; sorted by start.
-
-    The schema metadata holds the objectives and the run's hypervolume reference point.
-    """
-    records = sorted(records, key=lambda r: r.get("started_at") or 0.0)
-    tasks = sorted({t for r in records for t in (r.get("task_acc") or {})})
-    columns = [pa.array(_column(records, f.name), type=f.type) for f in FIXED]
-    fields = list(FIXED)
-    for task in tasks:
-        columns.append(pa.array([(r.get("task_acc") or {}).get(task) for r in records], type=pa.float64()))
-        fields.append(pa.field(f"acc_{task}", pa.float64()))
-    for task in tasks:
-        columns.append(pa.array([(r.get("task_acc_norm") or {}).get(task) for r in records], type=pa.float64()))
-        fields.append(pa.field(f"acc_norm_{task}", pa.float64()))
-    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
-    return with_reference(table, reference_rule(table))
-
-
-def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
-    """The table with run metadata: objectives, schema version and the reference point `ref`."""
-    meta = dict(table.schema.metadata or {})
-    meta.update({b"objectives": json.dumps(OBJECTIVES).encode(), b"schema_version": SCHEMA_VERSION.encode(),
-                 b"reference_point": json.dumps([float(ref[0]), float(ref[1])]).encode()})
-    return table.replace_schema_metadata(meta)
 
 
 def completed_mask(table: pa.Table) -> pa.ChunkedArray:
@@ -204,42 +136,6 @@ def hypervolume_curve(results: pa.Table, ref: Optional[tuple[float, float]] = No
 
 # ---------------------------------------------------------------------------------------------
 # Files.
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: a kill mid-write never leaves a
-    truncated file, and the previous file stays readable until the new one is complete."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
-    """Keep rows of an earlier results file that this run no longer knows, or knows only as unfinished:
-    a trial completed before a crash stays, once, with its original metrics."""
-    new = {r["trial_id"]: r["status"] for r in results.select(["trial_id", "status"]).to_pylist()}
-    keep_old = [r["trial_id"] for r in previous.select(["trial_id", "status"]).to_pylist()
-                if r["trial_id"] not in new or (r["status"] == "completed" and new[r["trial_id"]] != "completed")]
-    if not keep_old:
-        return results
-    old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
-    fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
-    merged = pa.concat_tables([fresh, old], promote_options="default")
-    columns = FIXED.names + metric_columns(merged.column_names)  # same order as results_table
-    return merged.select(columns).sort_by("started_at").replace_schema_metadata(results.schema.metadata)
 
 
 def write_results(records: Sequence[dict], out_dir: Path, baselines: Optional[dict[str, tuple[int, float]]] = None,

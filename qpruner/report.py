@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 from qpruner.baselines import load as load_baselines
 from qpruner.errors import QPrunerError
 from qpruner.pareto import (
-    GB, column_label, compact_bits, completed, front_table, hypervolume_curve, metric_columns, normalized, plot_front,
-    reference_point, uniform_baselines,
+    compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point, uniform_baselines,
 )
+from qpruner.results import GB, column_label, metric_columns
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
 BIT_NAMES = {4: "4-bit NF4/FP4", 8: "8-bit LLM.int8", 16: "16-bit (not quantized)"}

@@ -2,12 +2,24 @@
 
 Every artefact a later step or command needs lives in the run folder (`--out`, Tune's storage_path,
 shared by every node of a cluster) or in the shared cache; nothing is read from a node's Ray folder
-after its trial ends.
+after its trial ends. One trial is one `TrialRecord`: the Tune callback (`record_from_trial`), the
+baselines (`baseline_record`), results.parquet (`results_table`, `RESULTS_SCHEMA`), the front
+(qpruner.pareto), the report and export all read and write that one shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 RESULTS = "results.parquet"
 ADAPTERS = "adapters"  # one folder per trial id, written by the trial on whichever node ran it
@@ -16,3 +28,272 @@ ADAPTERS = "adapters"  # one folder per trial id, written by the trial on whiche
 def adapter_path(out: str | Path, trial_id: str) -> Path:
     """Where a trial's trained adapter lives: in the run folder, which every node shares."""
     return Path(out) / ADAPTERS / trial_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial record and its Arrow schema (one definition: the dataclass fields carry their Arrow type).
+
+
+def _col(arrow_type: pa.DataType, default: Any = None):
+    return field(default=default, metadata={"arrow": arrow_type})
+
+
+INT8_LIST = pa.list_(pa.field("element", pa.int8()))  # Parquet's item name, so a table reads back with this schema
+INT16_LIST = pa.list_(pa.field("element", pa.int16()))
+
+
+@dataclass
+class TrialRecord:
+    """One trial (or baseline) of a run. Fields with an Arrow type are results.parquet's fixed columns, in
+    this order; `task_acc` / `task_acc_norm` become one `acc_<task>` / `acc_norm_<task>` column per task."""
+
+    trial_id: str = _col(pa.string(), "")
+    status: str = _col(pa.string(), "failed")  # completed / stopped_early / failed (pending / running in snapshots)
+    bits: list = _col(INT8_LIST, None)
+    ranks: Optional[list] = _col(INT16_LIST)
+    accuracy: Optional[float] = _col(pa.float64())  # the final test accuracy; None unless completed
+    val_logprob: Optional[float] = _col(pa.float64())
+    val_acc: Optional[float] = _col(pa.float64())
+    memory_bytes: Optional[int] = _col(pa.int64())
+    memory_gb: Optional[float] = _col(pa.float64())  # derived from memory_bytes
+    memory_source: Optional[str] = _col(pa.string())
+    weight_bytes: Optional[int] = _col(pa.int64())
+    lora_bytes: Optional[int] = _col(pa.int64())
+    peak_estimate_bytes: Optional[int] = _col(pa.int64())
+    peak_measured_bytes: Optional[int] = _col(pa.int64())
+    train_loss: Optional[float] = _col(pa.float64())
+    stopped_early: bool = _col(pa.bool_(), False)  # derived from status
+    iterations: int = _col(pa.int32(), 0)
+    steps: int = _col(pa.int32(), 0)
+    max_steps: int = _col(pa.int32(), 0)
+    wall_seconds: float = _col(pa.float64(), 0.0)
+    quantize_s: Optional[float] = _col(pa.float64())
+    loftq_s: Optional[float] = _col(pa.float64())
+    finetune_s: Optional[float] = _col(pa.float64())
+    eval_s: Optional[float] = _col(pa.float64())
+    error: Optional[str] = _col(pa.string())
+    started_at: float = _col(pa.float64(), 0.0)
+    task_acc: dict = field(default_factory=dict)
+    task_acc_norm: dict = field(default_factory=dict)
+    weight_storage: Optional[str] = None
+    label: Optional[str] = None  # baselines: what the row is, in words
+    config: dict = field(default_factory=dict)  # the Tune config (bits as b0, b1, ...)
+
+    @classmethod
+    def of(cls, data: "TrialRecord | dict") -> "TrialRecord":
+        """A record from a record or a plain dict (unknown keys ignored; timings may come as a `timings` dict)."""
+        if isinstance(data, cls):
+            return data
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.update({k: v for k, v in (data.get("timings") or {}).items() if k in TIMINGS})
+        record = cls(**values)
+        record.stopped_early = record.status == "stopped_early"
+        record.memory_gb = None if record.memory_bytes is None else record.memory_bytes / GB
+        return record
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["timings"] = {k: data[k] for k in TIMINGS if data[k] is not None}
+        return data
+
+
+GB = 1024**3
+TIMINGS = ("quantize_s", "loftq_s", "finetune_s", "eval_s")
+OBJECTIVES = {"accuracy": "max", "memory_bytes": "min"}
+SCHEMA_VERSION = "1"
+RESULTS_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata])
+FIXED = RESULTS_SCHEMA  # the fixed columns, in order; per-task metric columns follow
+
+
+def metric_columns(names: Sequence[str]) -> list[str]:
+    """The per-task metric columns in results_table's order: every acc_<task>, then every acc_norm_<task>."""
+    norm = sorted(c for c in names if c.startswith("acc_norm_"))
+    return sorted(c for c in names if c.startswith("acc_") and c not in norm) + norm
+
+
+def column_label(column: str) -> str:
+    """A table header that says the metric: acc_norm_hellaswag -> 'hellaswag (acc_norm)'."""
+    metric = "acc_norm" if column.startswith("acc_norm_") else "acc"
+    return f"{column[len(metric) + 1:]} ({metric})"
+
+
+def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
+    """One row per trial: the fixed columns, then `acc_<task>` and `acc_norm_<task>` per task seen; sorted by start.
+
+    The schema metadata holds the objectives and the run's hypervolume reference point.
+    """
+    from qpruner.pareto import reference_rule
+
+    rows = sorted((TrialRecord.of(r) for r in records), key=lambda r: r.started_at or 0.0)
+    tasks = sorted({t for r in rows for t in r.task_acc})
+    columns = [pa.array([getattr(r, f.name) for r in rows], type=f.type) for f in RESULTS_SCHEMA]
+    fields = list(RESULTS_SCHEMA)
+    for task in tasks:
+        columns.append(pa.array([r.task_acc.get(task) for r in rows], type=pa.float64()))
+        fields.append(pa.field(f"acc_{task}", pa.float64()))
+    for task in tasks:
+        columns.append(pa.array([r.task_acc_norm.get(task) for r in rows], type=pa.float64()))
+        fields.append(pa.field(f"acc_norm_{task}", pa.float64()))
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return with_reference(table, reference_rule(table))
+
+
+def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
+    """The table with run metadata: objectives, schema version and the hypervolume reference point `ref`."""
+    meta = dict(table.schema.metadata or {})
+    meta.update({b"objectives": json.dumps(OBJECTIVES).encode(), b"schema_version": SCHEMA_VERSION.encode(),
+                 b"reference_point": json.dumps([float(ref[0]), float(ref[1])]).encode()})
+    return table.replace_schema_metadata(meta)
+
+
+def baseline_record(name: str, label: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes,
+                    weight_bytes: int, task_acc_norm: Optional[dict] = None) -> dict:
+    """A baseline's row (baselines.json), the same shape as a trial's: `trial_id` is `baseline:<name>`."""
+    return {"trial_id": f"baseline:{name}", "label": label, "bits": bits, "accuracy": accuracy,
+            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()},
+            **{f"acc_norm_{t}": a for t, a in (task_acc_norm or {}).items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tune trials <-> records.
+
+RECORDED_KEYS = ("accuracy", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
+                 "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
+
+
+def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
+    """The last report of a trial that results.parquet holds as completed or stopped early (None otherwise),
+    shaped so that record_from_trial gives the same row back."""
+    import pyarrow.parquet as pq
+
+    path = out / "results.parquet"
+    rows = [r for r in pq.read_table(path).to_pylist() if r["trial_id"] == trial_id] if path.is_file() else []
+    if not rows or rows[0]["status"] not in ("completed", "stopped_early"):
+        return None
+    row = rows[0]
+    result = {k: row.get(k) for k in RECORDED_KEYS}
+    result.update(memory_gb=row["memory_gb"], final=row["status"] == "completed", answered_from_record=True,
+                  task_acc={c[4:]: row[c] for c in row if c.startswith("acc_") and not c.startswith("acc_norm_") and row[c] is not None},
+                  task_acc_norm={c[9:]: row[c] for c in row if c.startswith("acc_norm_") and row[c] is not None})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: one plain dict per Tune trial, the input of qpruner.pareto.
+
+
+def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
+    """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects.
+    `tune_status` overrides trial.status (callbacks run before Tune updates it)."""
+    from qpruner.search import bits_from_config, ranks_from_config
+
+    last = dict(trial.last_result or {})
+    n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
+    final = bool(last.get("final"))
+    status_now = tune_status or trial.status
+    error = None
+    if status_now == "ERROR":
+        error = _error_text(trial)
+        status = "failed"
+    elif final:
+        status = "completed"
+    elif status_now == "TERMINATED":
+        status = "stopped_early"
+    else:
+        status = status_now.lower()  # pending / running: only seen in mid-run snapshots
+    return {
+        "trial_id": trial.trial_id,
+        "status": status,
+        "bits": bits_from_config(trial.config, n_layers),
+        "ranks": ranks_from_config(trial.config, n_layers),
+        "accuracy": last.get("accuracy") if final else None,
+        "task_acc": last.get("task_acc") or {},
+        "task_acc_norm": last.get("task_acc_norm") or {},
+        "val_logprob": last.get("val_logprob"),
+        "val_acc": last.get("val_acc"),
+        "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
+        "memory_source": last.get("memory_source"),
+        "weight_storage": last.get("weight_storage"),
+        "weight_bytes": last.get("weight_bytes"),
+        "lora_bytes": last.get("lora_bytes"),
+        "peak_estimate_bytes": last.get("peak_estimate_bytes"),
+        "peak_measured_bytes": last.get("peak_measured_bytes"),
+        "train_loss": last.get("train_loss"),
+        "iterations": int(last.get("training_iteration") or 0),
+        "steps": int(last.get("steps") or last.get("step") or 0),
+        "max_steps": int(last.get("max_steps") or 0),
+        "wall_seconds": float(last.get("time_total_s") or 0.0),
+        "timings": {k: last[k] for k in TIMINGS if last.get(k) is not None},
+        "error": error,
+        "started_at": float(getattr(trial.run_metadata, "start_time", None) or 0.0),
+        "config": dict(trial.config),
+    }
+
+
+def _gb_to_bytes(gb: Optional[float]) -> Optional[int]:
+    return None if gb is None else int(round(gb * 1024**3))
+
+
+def _error_text(trial) -> str:
+    """The last line of the trial's error (the exception message), for results.parquet."""
+    path = trial.error_file
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1][:2000] if lines else "unknown error"
+    return "unknown error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, merging with an earlier file.
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a temp file beside `path`, fsync, then os.replace: a kill mid-write never leaves a
+    truncated file, and the previous file stays readable until the new one is complete."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """JSON beside `path`, then os.replace: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
+    """Keep rows of an earlier results file that this run no longer knows, or knows only as unfinished:
+    a trial completed before a crash stays, once, with its original metrics."""
+    new = {r["trial_id"]: r["status"] for r in results.select(["trial_id", "status"]).to_pylist()}
+    keep_old = [r["trial_id"] for r in previous.select(["trial_id", "status"]).to_pylist()
+                if r["trial_id"] not in new or (r["status"] == "completed" and new[r["trial_id"]] != "completed")]
+    if not keep_old:
+        return results
+    old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
+    fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
+    merged = pa.concat_tables([fresh, old], promote_options="default")
+    columns = RESULTS_SCHEMA.names + metric_columns(merged.column_names)  # same order as results_table
+    return merged.select(columns).sort_by("started_at").replace_schema_metadata(results.schema.metadata)

@@ -22,9 +22,8 @@ from ray.tune import Callback
 
 from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
-from qpruner.pareto import TIMINGS
 from qpruner.plan import RunPlan, check_storage, make_plan
-from qpruner.results import ADAPTERS, adapter_path
+from qpruner.results import ADAPTERS, adapter_path, record_from_trial, recorded_result, write_json_atomic
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
@@ -61,92 +60,6 @@ def trial_trainable(config: dict, plan: RunPlan) -> None:
     result = run_trial(cfg, plan.pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir,
                        tasks=plan.tasks)
     tune.report(result)
-
-
-RECORDED_KEYS = ("accuracy", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
-                 "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
-
-
-def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
-    """The last report of a trial that results.parquet holds as completed or stopped early (None otherwise),
-    shaped so that record_from_trial gives the same row back."""
-    import pyarrow.parquet as pq
-
-    path = out / "results.parquet"
-    rows = [r for r in pq.read_table(path).to_pylist() if r["trial_id"] == trial_id] if path.is_file() else []
-    if not rows or rows[0]["status"] not in ("completed", "stopped_early"):
-        return None
-    row = rows[0]
-    result = {k: row.get(k) for k in RECORDED_KEYS}
-    result.update(memory_gb=row["memory_gb"], final=row["status"] == "completed", answered_from_record=True,
-                  task_acc={c[4:]: row[c] for c in row if c.startswith("acc_") and not c.startswith("acc_norm_") and row[c] is not None},
-                  task_acc_norm={c[9:]: row[c] for c in row if c.startswith("acc_norm_") and row[c] is not None})
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Records: one plain dict per Tune trial, the input of qpruner.pareto.
-
-
-def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
-    """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects.
-    `tune_status` overrides trial.status (callbacks run before Tune updates it)."""
-    from qpruner.search import bits_from_config, ranks_from_config
-
-    last = dict(trial.last_result or {})
-    n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
-    final = bool(last.get("final"))
-    status_now = tune_status or trial.status
-    error = None
-    if status_now == "ERROR":
-        error = _error_text(trial)
-        status = "failed"
-    elif final:
-        status = "completed"
-    elif status_now == "TERMINATED":
-        status = "stopped_early"
-    else:
-        status = status_now.lower()  # pending / running: only seen in mid-run snapshots
-    return {
-        "trial_id": trial.trial_id,
-        "status": status,
-        "bits": bits_from_config(trial.config, n_layers),
-        "ranks": ranks_from_config(trial.config, n_layers),
-        "accuracy": last.get("accuracy") if final else None,
-        "task_acc": last.get("task_acc") or {},
-        "task_acc_norm": last.get("task_acc_norm") or {},
-        "val_logprob": last.get("val_logprob"),
-        "val_acc": last.get("val_acc"),
-        "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
-        "memory_source": last.get("memory_source"),
-        "weight_storage": last.get("weight_storage"),
-        "weight_bytes": last.get("weight_bytes"),
-        "lora_bytes": last.get("lora_bytes"),
-        "peak_estimate_bytes": last.get("peak_estimate_bytes"),
-        "peak_measured_bytes": last.get("peak_measured_bytes"),
-        "train_loss": last.get("train_loss"),
-        "iterations": int(last.get("training_iteration") or 0),
-        "steps": int(last.get("steps") or last.get("step") or 0),
-        "max_steps": int(last.get("max_steps") or 0),
-        "wall_seconds": float(last.get("time_total_s") or 0.0),
-        "timings": {k: last[k] for k in TIMINGS if last.get(k) is not None},
-        "error": error,
-        "started_at": float(getattr(trial.run_metadata, "start_time", None) or 0.0),
-        "config": dict(trial.config),
-    }
-
-
-def _gb_to_bytes(gb: Optional[float]) -> Optional[int]:
-    return None if gb is None else int(round(gb * 1024**3))
-
-
-def _error_text(trial) -> str:
-    """The last line of the trial's error (the exception message), for results.parquet."""
-    path = trial.error_file
-    if path and Path(path).is_file():
-        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-        return lines[-1][:2000] if lines else "unknown error"
-    return "unknown error"
 
 
 class ResultsWriter(Callback):
@@ -225,7 +138,7 @@ def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> N
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-    (out / "run.json").write_text(json.dumps({"run_key": run_key(cfg), "created": time.time()}))
+    write_json_atomic({"run_key": run_key(cfg), "created": time.time()}, out / "run.json")
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -423,7 +336,7 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     plan = plan.with_pruned(pruned.path)
     check_memory_budget(plan.cfg, plan.pruned_config)  # before any trial
     marker = json.loads((out / "run.json").read_text())
-    (out / "run.json").write_text(json.dumps({**marker, "pruned_path": str(pruned.path)}))
+    write_json_atomic({**marker, "pruned_path": str(pruned.path)}, out / "run.json")
     points: list = []
     if not restore:
         points, importance = first_configs(plan)

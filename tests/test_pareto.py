@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from qpruner.pareto import (
-    FIXED, compact_bits, front_table, hypervolume, hypervolume_curve, pareto_mask, print_front, reference_point,
-    results_table, uniform_baselines, write_parquet_atomic, write_results,
+    compact_bits, front_table, hypervolume, hypervolume_curve, pareto_mask, print_front, reference_point, uniform_baselines,
+    write_results,
 )
+from qpruner.results import FIXED, results_table, write_parquet_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,7 +271,7 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch)
 KILL_WRITER = """
 import sys
 import numpy as np, pyarrow as pa
-from qpruner.pareto import write_parquet_atomic
+from qpruner.results import write_parquet_atomic
 small = pa.table({"x": pa.array([1.0])})
 big = pa.table({"x": pa.array(np.arange(3_000_000, dtype=np.float64))})
 write_parquet_atomic(small, sys.argv[1])
@@ -319,7 +320,7 @@ def test_print_front_shows_every_front_row():
 
 
 def test_results_record_both_metrics_and_headers_name_them():
-    from qpruner.pareto import column_label, metric_columns
+    from qpruner.results import column_label, metric_columns
 
     rec = record(0, "completed", [4, 4], 0.6, 100)
     rec["task_acc"], rec["task_acc_norm"] = {"hellaswag": 0.4, "boolq": 0.7}, {"hellaswag": 0.5, "boolq": None}

@@ -189,7 +189,7 @@ def test_a_trial_finished_before_a_kill_is_answered_from_its_row_not_trained_aga
     from types import SimpleNamespace
 
     from qpruner.pareto import write_results
-    from qpruner.tune import record_from_trial, recorded_result
+    from qpruner.results import record_from_trial, recorded_result
 
     def row(trial_id, status, accuracy, steps):
         return {"trial_id": trial_id, "status": status, "bits": [4, 8], "ranks": None, "accuracy": accuracy,
