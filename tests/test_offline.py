@@ -251,7 +251,7 @@ def test_quick_validation_scores_the_gold_answer_as_lm_eval_does_on_every_task_t
     from qpruner.evaluate import gold_requests, gold_scores, load_tasks, resolve_tasks, run_tasks
 
     tasks = [t for t in ROWS if t != "wikitext"]
-    cfg = resolved_config({"eval": {"tasks": tasks, "local_data": fixtures}})
+    cfg = resolved_config({"eval": {"tasks": tasks, "local_data": {t: fixtures[t] for t in tasks}}})
     loaded = load_tasks(*map(tuple, resolve_tasks(cfg.eval, cfg.output.cache)))
     lm_eval_acc = run_tasks(tiny_lm, loaded)
     for name in tasks:
