@@ -1,4 +1,5 @@
 """`python -m qpruner.export --run DIR (--trial ID | --pick best-acc | --pick max-mem=GB) --out OUT [--merge]`
+(`--format gguf --out FILE.gguf`: one GGUF file for llama.cpp instead, see qpruner.gguf_export)
 
 Writes a folder that loads with stock libraries (no qpruner import):
   base/               the pruned model (safetensors + config.json with per-layer shapes + tokenizer); the
@@ -127,10 +128,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pick", default=None, help="best-acc, or max-mem=GB for the most accurate under a memory cap")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--merge", action="store_true", help="also write merged/: one full-precision model")
+    parser.add_argument("--format", choices=("folder", "gguf"), default="folder",
+                        help="folder (default, above) or gguf: --out FILE.gguf, one file llama.cpp runs (qpruner/gguf_export.py)")
+    parser.add_argument("--embeddings", default=None, help="gguf: type of token embeddings and output (f16, q8_0 (default), f32, bf16, q4_0)")
+    parser.add_argument("--q4", default="q4_0", help="gguf: type of 4-bit layers, q4_0 (default), q4_1 or q4_k (needs llama-cpp-python)")
+    parser.add_argument("--tokenizer-pre", default=None, help="gguf: llama.cpp pre-tokenizer name, when it cannot be recognised")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     run = Path(args.run)
     row = pick_trial(run, args.trial, args.pick)
+    if args.format == "gguf":
+        from qpruner.gguf_export import DEFAULT_EMBEDDINGS, describe, export_gguf
+
+        summary = export_gguf(run, row, Path(args.out), embeddings=args.embeddings or DEFAULT_EMBEDDINGS, q4=args.q4,
+                              tokenizer_pre=args.tokenizer_pre)
+        print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}) as GGUF: {describe(summary)}")
+        return 0
     out = export(run, row, Path(args.out), merge=args.merge)
     print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}, {row['memory_gb']:.4f} GB) to {out}")
     return 0
