@@ -88,6 +88,9 @@ class PruneConfig:
     last_layer: Optional[int] = None
     prune_attention: bool = True
     prune_mlp: bool = True
+    # Each pruned layer keeps a multiple of this many MLP channels (LLM-Pruner's round_to), the ratio still
+    # honoured: 32 is the block of GGUF's Q4_0/Q8_0 and of bitsandbytes' CPU 4-bit kernel; 1 = no rounding.
+    round_to: int = 32
     taylor_order: Literal["first", "second"] = "first"  # second adds the Fisher-diagonal term
     aggregation: Literal["sum", "mean", "max", "prod", "last"] = "sum"  # across coupled modules (LLM-Pruner)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -101,6 +104,8 @@ class PruneConfig:
                 raise ConfigError(f"{path}.{name}", f"must be >= 0 or null, got {value}")
         if self.first_layer is not None and self.last_layer is not None and self.first_layer >= self.last_layer:
             raise ConfigError(f"{path}.first_layer", "must be smaller than prune.last_layer")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"{path}.round_to", f"must be an integer >= 1 (1 = no rounding), got {self.round_to!r}")
         if not (self.prune_attention or self.prune_mlp) and self.ratio > 0:
             raise ConfigError(f"{path}.prune_mlp", "at least one of prune_attention / prune_mlp must be true when ratio > 0")
         self.sparsity_spec(path)

@@ -13,6 +13,7 @@ loses `prune.ratio` of its parameters, as with the Taylor pruner.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -30,7 +31,7 @@ from qpruner.prune.structure import (
     keep_groups,
     layer_shape,
 )
-from qpruner.prune.taylor import prunable_layers
+from qpruner.prune.taylor import aligned, channel_options, prunable_layers
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean, so H is invertible
 
@@ -60,8 +61,16 @@ def plan_layers(model: nn.Module, pcfg: PruneConfig) -> dict[int, tuple[int, int
         groups = round(ratio * shape.num_key_value_heads) if pcfg.prune_mlp else round(want / per_group)
         groups = max(0, min(groups, max_groups))
         channels = min(max(round((want - groups * per_group) / per_channel), 0), max_channels)
+        if pcfg.prune_mlp and pcfg.round_to > 1:  # the multiple that keeps the running total closest to the target
+            done = removed + groups * per_group
+            aim = target * (len(plan) + 1) / len(layers)
+            options = [c for c in channel_options(shape.intermediate_size, channels, pcfg.round_to)
+                       if aligned(shape.intermediate_size, c, pcfg.round_to)]
+            channels = min(options or [channels], key=lambda c: abs(done + c * per_channel - aim))
         plan[i] = (groups, channels)
         removed += groups * per_group + channels * per_channel
+    if abs(removed - target) > 0.01 * total and pcfg.round_to > 1:  # the ratio comes first: widths as they fall
+        return plan_layers(model, dataclasses.replace(pcfg, round_to=1))
     if abs(removed - target) > 0.02 * total:
         raise ConfigError(
             "prune.ratio",
@@ -202,4 +211,5 @@ def prune_slimgpt(model: nn.Module, batches: list[torch.Tensor], pcfg: PruneConf
         inputs = run_layer(layers[i], inputs)
     block_after = sum(p.numel() for i in plan for p in layers[i].parameters())
     return {"layers": sorted(plan), "block_ratio": 1 - block_after / block_before, "groups_removed": [plan[i][0] for i in sorted(plan)],
-            "channels_removed": [plan[i][1] for i in sorted(plan)], "layer_importance": []}
+            "channels_removed": [plan[i][1] for i in sorted(plan)], "layer_importance": [],
+            "round_to_met": all(layers[i].mlp.gate_proj.out_features % pcfg.round_to == 0 for i in plan if plan[i][1])}

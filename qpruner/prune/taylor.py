@@ -53,12 +53,31 @@ def prunable_layers(n_layers: int, pcfg: PruneConfig) -> list[int]:
     return list(range(first, last))
 
 
+def channel_options(width: int, channels: int, round_to: int) -> list[int]:
+    """Channel counts to remove near `channels` (prune.round_to): the exact count, and those that leave the
+    multiple of `round_to` just below and just above the exact kept width (at least one multiple, at most
+    the width). Only the exact count when nothing is removed, round_to is 1 or the layer is narrower."""
+    if channels == 0 or round_to <= 1 or width < round_to:
+        return [channels]
+    kept = width - channels
+    low = max(round_to, kept // round_to * round_to)
+    high = min(width // round_to * round_to, -(-kept // round_to) * round_to)
+    return sorted({channels, width - low, width - max(low, high)})
+
+
+def aligned(width: int, channels: int, round_to: int) -> bool:
+    """Whether a layer keeps a multiple of round_to channels (a layer left whole counts as aligned)."""
+    return channels == 0 or round_to <= 1 or (width - channels) % round_to == 0
+
+
 def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
     """Choose per-layer group and channel counts so the WHOLE model loses `ratio` of its parameters.
 
     Heads come in coarse steps, so for each possible number of removed groups the channel count is
     solved exactly; the choice whose head and channel fractions are closest (LLM-Pruner prunes both
-    at one ratio) wins.
+    at one ratio) wins. With prune.round_to, the kept width is also tried at the neighbouring multiples,
+    and among the choices within 1 point of the ratio one that keeps a multiple wins; the ratio comes
+    first: when no multiple is within 1 point, the exact width is kept.
     """
     total = sum(p.numel() for p in model.parameters())
     layers = prunable_layers(model.config.num_hidden_layers, pcfg)
@@ -77,13 +96,15 @@ def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
     best = None
     for groups in range(max_groups + 1):
         rest = target - groups * per_group * len(layers)
-        channels = min(max(round(rest / (per_channel * len(layers))), 0), max_channels) if pcfg.prune_mlp else 0
-        removed = (groups * per_group + channels * per_channel) * len(layers)
-        miss = abs(removed - target) / total
-        balance = abs(groups / shape.num_key_value_heads - channels / shape.intermediate_size)
-        key = (0, balance if pcfg.prune_mlp and pcfg.prune_attention else 0) if miss <= 0.01 else (1, miss)
-        if best is None or key < best[0]:
-            best = (key, Plan(layers, groups, channels, removed, removed / block))
+        exact = min(max(round(rest / (per_channel * len(layers))), 0), max_channels) if pcfg.prune_mlp else 0
+        for channels in channel_options(shape.intermediate_size, exact, pcfg.round_to):
+            removed = (groups * per_group + channels * per_channel) * len(layers)
+            miss = abs(removed - target) / total
+            balance = abs(groups / shape.num_key_value_heads - channels / shape.intermediate_size)
+            odd = not aligned(shape.intermediate_size, channels, pcfg.round_to)
+            key = (0, odd, balance if pcfg.prune_mlp and pcfg.prune_attention else 0) if miss <= 0.01 else (1, miss, odd)
+            if best is None or key < best[0]:
+                best = (key, Plan(layers, groups, channels, removed, removed / block))
     reachable = (max_groups * per_group + max_channels * per_channel) * len(layers) / total
     if abs(best[1].removed - target) > 0.02 * total:
         why = f"at most {reachable:.3f} is reachable" if pcfg.ratio > reachable else "whole head groups miss it by more than 2 points"
@@ -249,4 +270,6 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], pcfg: PruneConfig
         removed = apply_plan(model, plan, lambda i: ranked[i][0], lambda i: ranked[i][1])
         totals = layer_totals(scores, n_layers, removed)
     return {"layers": plan.layers, "groups_removed": plan.groups, "channels_removed": plan.channels,
-            "block_ratio": plan.block_ratio, "layer_importance": totals}
+            "block_ratio": plan.block_ratio, "layer_importance": totals,
+            "round_to_met": all(model.model.layers[i].mlp.gate_proj.out_features % pcfg.round_to == 0 for i in plan.layers
+                                if plan.channels)}
