@@ -308,3 +308,63 @@ def test_llama_cpp_runs_the_file_with_the_merged_models_logits(exported, tmp_pat
               f"top-1 agreement with merged {np.mean(ours.argmax(-1) == ref.argmax(-1)):.3f}")
         assert runtime <= tolerance
         assert rounding <= np.abs(same_weights - ref).max() + tolerance
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_assets, tmp_path_factory):
+    """A random LLaMA with hidden size 256 (rows long enough for Q4_K's 256-blocks), the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=768, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    out = tmp_path_factory.mktemp("wide") / "model"
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_assets.model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_q4_k_layers_run_in_llama_cpp(wide_model, tmp_path):
+    """--q4 q4_k: ggml's own Q4_K quantizer (llama-cpp-python's library) where rows are multiples of 256."""
+    from transformers import LlamaForCausalLM
+
+    from qpruner.gguf_export import load_gguf_weights, write_gguf
+
+    _llama()
+    summary = write_gguf(wide_model, [4, 8, 4], tmp_path / "k.gguf", q4="q4_k")
+    assert summary.layer_types == ["Q4_K", "Q8_0", "Q4_K"] and summary.tensor_types["Q4_K"] == 14 and not summary.fallbacks
+    held = LlamaForCausalLM.from_pretrained(wide_model).eval()
+    load_gguf_weights(held, summary.path)
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        same = held(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_logits(summary.path, ids) - same).max() <= LOGIT_TOLERANCE["quantized"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [[1], [0], [0, 2]])
+def test_layers_without_attention_heads_run_in_llama_cpp(wide_model, tmp_path, zero):
+    """deci's attention-free layers; layer 0 without heads is written with one zero group (which adds 0)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from qpruner.gguf_export import write_gguf
+
+    _llama()
+    folder = tmp_path / "model"
+    shutil.copytree(wide_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["qpruner_layers"] = [{"num_attention_heads": 0 if i in zero else 4, "num_key_value_heads": 0 if i in zero else 2,
+                                 "intermediate_size": 512} for i in range(3)]
+    (folder / "config.json").write_text(json.dumps(config))
+    summary = write_gguf(folder, [16, 16, 16], tmp_path / "z.gguf", embeddings="f32")
+    reference = LlamaForCausalLM.from_pretrained(wide_model).eval()
+    with torch.no_grad():
+        for i in zero:  # no heads = attention adds nothing
+            reference.model.layers[i].self_attn.o_proj.weight.zero_()
+        ids = list(range(3, 40))
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_logits(summary.path, ids) - ref).max() <= LOGIT_TOLERANCE["f16"]
