@@ -24,12 +24,10 @@ def load(run: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def row(name: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes, weight_bytes: int,
-        task_acc_norm: Optional[dict] = None) -> dict:
+def row(name: str, bits: list[int], accuracy: float, scores: dict, memory_bytes, weight_bytes: int) -> dict:
     from qpruner.results import baseline_record
 
-    return baseline_record(name, LABELS[name], bits, accuracy, task_acc, memory_bytes, weight_bytes, task_acc_norm)
-
+    return baseline_record(name, LABELS[name], bits, accuracy, scores, memory_bytes, weight_bytes)
 
 def measure(name: str, plan) -> dict:
     """Ray task body: one baseline of the driver's run plan (qpruner.plan.RunPlan) as a results row."""
@@ -40,8 +38,7 @@ def measure(name: str, plan) -> dict:
         from qpruner.trial import run_trial
 
         result = run_trial(cfg, plan.pruned_path, [16] * plan.n_layers, tasks=plan.tasks)
-        return row(name, result["bits"], result["accuracy"], result["task_acc"], result["memory_bytes"], result["weight_bytes"],
-                   result["task_acc_norm"])
+        return row(name, result["bits"], result["accuracy"], result, result["memory_bytes"], result["weight_bytes"])
     if name == "apt":
         return apt_no_retraining(cfg, plan.tasks.held_out)
     return unpruned(cfg, plan.tasks.held_out)
@@ -58,7 +55,7 @@ def apt_sparsity(cfg: Config):
 def apt_no_retraining(cfg: Config, held_out: dict[str, int]) -> dict:
     """The source model APT-pruned (same calibration, the shared prune cache) at matching sparsity, evaluated
     zero-shot without quantization or fine-tuning; memory is its dense weights (zeros stored)."""
-    from qpruner.evaluate import evaluate_model
+    from qpruner.evaluate import eval_record, evaluate_model
     from qpruner.memory import weight_bytes
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import pick_device
@@ -68,13 +65,12 @@ def apt_no_retraining(cfg: Config, held_out: dict[str, int]) -> dict:
     model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
     ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
     bits = [16] * len(model.model.layers)
-    return row("apt", bits, ev["mean_acc"], {t: r["acc"] for t, r in ev["tasks"].items()}, None,
-               weight_bytes(model, bits, cfg.quant)["total"])
+    return row("apt", bits, ev["mean_acc"], eval_record(ev), None, weight_bytes(model, bits, cfg.quant)["total"])
 
 
 def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
     """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
-    from qpruner.evaluate import evaluate_model
+    from qpruner.evaluate import eval_record, evaluate_model
     from qpruner.memory import weight_bytes
     from qpruner.model import load_model
     from qpruner.trial import pick_device
@@ -83,9 +79,7 @@ def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
                                   pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
     ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
-    return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"],
-               {t: r["acc"] for t, r in ev["tasks"].items()}, None, weights,
-               {t: r.get("acc_norm") for t, r in ev["tasks"].items()})
+    return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"], eval_record(ev), None, weights)
 
 
 def run_baselines(plan) -> dict[str, dict]:

@@ -232,6 +232,7 @@ class EvalConfig:
     batch_size: int = 16
     # {task: jsonl/json/parquet file} in the HF schema of the split lm-eval's stock task evaluates:
     # qpruner derives a task that includes lm-eval's YAML and reads this file instead of the hub.
+    # A group (mmlu, mmlu_stem) takes a folder holding one file per subtask, named after it (docs/tasks.md).
     local_data: dict[str, str] = field(default_factory=dict)
     # {task: file}, same schema: the quick-validation split, evaluated as the derived twin `<task>_val`.
     val_data: dict[str, str] = field(default_factory=dict)
@@ -245,8 +246,9 @@ class EvalConfig:
         for name in ("local_data", "val_data"):
             for task, file in getattr(self, name).items():
                 where = f"{path}.{name}.{task}"
-                if Path(file).suffix not in DATA_SUFFIXES:
-                    raise ConfigError(where, f"{file!r} must end in {', '.join(DATA_SUFFIXES)} (HF dataset rows)")
+                if Path(file).suffix and Path(file).suffix not in DATA_SUFFIXES:
+                    raise ConfigError(where, f"{file!r} must end in {', '.join(DATA_SUFFIXES)} (HF dataset rows), "
+                                      "or be a folder of one such file per subtask (a group such as mmlu)")
         if self.limit is not None:
             _positive(self.limit, f"{path}.limit")
         _positive(self.batch_size, f"{path}.batch_size")
@@ -254,7 +256,8 @@ class EvalConfig:
     def check_paths(self, path: str) -> None:
         for name in ("local_data", "val_data"):
             for task, file in getattr(self, name).items():
-                if not Path(file).expanduser().is_file():
+                local = Path(file).expanduser()
+                if not (local.is_file() or (not local.suffix and local.is_dir())):
                     raise ConfigError(f"{path}.{name}.{task}", f"file {file!r} does not exist; convert the data first "
                                       "(benchmarks/convert_data.py)")
         if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():

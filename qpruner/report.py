@@ -49,6 +49,8 @@ def write_report(run_dir: str | Path) -> Path:
     repeats = json.loads(record.read_text()).get("answered_from_record", 0) if record.is_file() else 0
     plan = run / "validation.json"  # written by qpruner.tune at the start of the run
     validation = json.loads(plan.read_text()) if plan.is_file() else None
+    if validation is not None and "validation" not in validation:  # a run of an earlier version: the plan alone
+        validation = {"validation": validation, "warnings": []}
     (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, model_source(run),
                                             validation))
     return run / "report.md"
@@ -94,12 +96,14 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += source_lines(source)
     lines += [f"- Repeat proposals answered from the record (not trained again): {repeats}."]
     lines += time_lines(rows)
-    lines += validation_lines(validation)
+    lines += validation_lines((validation or {}).get("validation"))
     lines += early_stop_lines(rows, early)
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
               f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
               f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory, fixed for the run).",
               f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
+    if (validation or {}).get("warnings"):
+        lines += ["## Documents", ""] + [f"- {w}" for w in validation["warnings"]] + [""]
     lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first.", ""]
     lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
     lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines)

@@ -45,7 +45,7 @@ INT16_LIST = pa.list_(pa.field("element", pa.int16()))
 @dataclass
 class TrialRecord:
     """One trial (or baseline) of a run. Fields with an Arrow type are results.parquet's fixed columns, in
-    this order; `task_acc` / `task_acc_norm` become one `acc_<task>` / `acc_norm_<task>` column per task."""
+    this order; the per-task dicts become one column per task (TASK_COLUMNS: acc_, acc_norm_, ppl_, docs_)."""
 
     trial_id: str = _col(pa.string(), "")
     status: str = _col(pa.string(), "failed")  # completed / stopped_early / failed (pending / running in snapshots)
@@ -73,8 +73,11 @@ class TrialRecord:
     eval_s: Optional[float] = _col(pa.float64())
     error: Optional[str] = _col(pa.string())
     started_at: float = _col(pa.float64(), 0.0)
-    task_acc: dict = field(default_factory=dict)
-    task_acc_norm: dict = field(default_factory=dict)
+    subtask_scores: Optional[str] = _col(pa.string())  # JSON {"acc": {subtask: acc}, "acc_norm": {...}} of groups
+    task_acc: dict = field(default_factory=dict)  # -> acc_<task>
+    task_acc_norm: dict = field(default_factory=dict)  # -> acc_norm_<task>
+    task_ppl: dict = field(default_factory=dict)  # -> ppl_<task>: perplexity tasks (word perplexity)
+    task_docs: dict = field(default_factory=dict)  # -> docs_<task>: documents scored per task
     weight_storage: Optional[str] = None
     label: Optional[str] = None  # baselines: what the row is, in words
     config: dict = field(default_factory=dict)  # the Tune config (bits as b0, b1, ...)
@@ -88,6 +91,9 @@ class TrialRecord:
         values = {k: v for k, v in data.items() if k in known}
         values.update({k: v for k, v in (data.get("timings") or {}).items() if k in TIMINGS})
         record = cls(**values)
+        if record.subtask_scores is None and (data.get("subtask_acc") or data.get("subtask_acc_norm")):
+            record.subtask_scores = json.dumps({"acc": data.get("subtask_acc") or {},
+                                                "acc_norm": data.get("subtask_acc_norm") or {}})
         record.stopped_early = record.status == "stopped_early"
         record.memory_gb = None if record.memory_bytes is None else record.memory_bytes / GB
         return record
@@ -106,16 +112,31 @@ RESULTS_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.f
 FIXED = RESULTS_SCHEMA  # the fixed columns, in order; per-task metric columns follow
 
 
+# per-task columns: (record field, column prefix, Arrow type), in results_table's order
+TASK_COLUMNS = (("task_acc", "acc_", pa.float64()), ("task_acc_norm", "acc_norm_", pa.float64()),
+                ("task_ppl", "ppl_", pa.float64()), ("task_docs", "docs_", pa.int64()))
+METRIC_LABELS = {"acc_norm_": "acc_norm", "acc_": "acc", "ppl_": "word perplexity"}
+
+
+def _prefix_of(column: str) -> Optional[str]:
+    return next((p for _, p, _ in sorted(TASK_COLUMNS, key=lambda c: -len(c[1])) if column.startswith(p)), None)
+
+
 def metric_columns(names: Sequence[str]) -> list[str]:
-    """The per-task metric columns in results_table's order: every acc_<task>, then every acc_norm_<task>."""
-    norm = sorted(c for c in names if c.startswith("acc_norm_"))
-    return sorted(c for c in names if c.startswith("acc_") and c not in norm) + norm
+    """The per-task score columns in results_table's order: every acc_<task>, acc_norm_<task>, then ppl_<task>."""
+    return [c for _, prefix, _ in TASK_COLUMNS[:3] for c in sorted(names) if _prefix_of(c) == prefix]
+
+
+def task_columns(names: Sequence[str]) -> list[str]:
+    """Every per-task column in results_table's order: the scores, then docs_<task>."""
+    return metric_columns(names) + sorted(c for c in names if _prefix_of(c) == "docs_")
 
 
 def column_label(column: str) -> str:
-    """A table header that says the metric: acc_norm_hellaswag -> 'hellaswag (acc_norm)'."""
-    metric = "acc_norm" if column.startswith("acc_norm_") else "acc"
-    return f"{column[len(metric) + 1:]} ({metric})"
+    """A table header that says the metric: acc_norm_hellaswag -> 'hellaswag (acc_norm)', ppl_wikitext ->
+    'wikitext (word perplexity)'."""
+    prefix = _prefix_of(column) or "acc_"
+    return f"{column[len(prefix):]} ({METRIC_LABELS[prefix]})"
 
 
 def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
@@ -126,15 +147,14 @@ def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
     from qpruner.pareto import reference_rule
 
     rows = sorted((TrialRecord.of(r) for r in records), key=lambda r: r.started_at or 0.0)
-    tasks = sorted({t for r in rows for t in r.task_acc})
     columns = [pa.array([getattr(r, f.name) for r in rows], type=f.type) for f in RESULTS_SCHEMA]
     fields = list(RESULTS_SCHEMA)
-    for task in tasks:
-        columns.append(pa.array([r.task_acc.get(task) for r in rows], type=pa.float64()))
-        fields.append(pa.field(f"acc_{task}", pa.float64()))
-    for task in tasks:
-        columns.append(pa.array([r.task_acc_norm.get(task) for r in rows], type=pa.float64()))
-        fields.append(pa.field(f"acc_norm_{task}", pa.float64()))
+    acc_tasks = sorted({t for r in rows for t in r.task_acc})  # acc_norm columns follow the acc tasks
+    for name, prefix, arrow in TASK_COLUMNS:
+        tasks = acc_tasks if name == "task_acc_norm" else sorted({t for r in rows for t in getattr(r, name)})
+        for task in tasks:
+            columns.append(pa.array([getattr(r, name).get(task) for r in rows], type=arrow))
+            fields.append(pa.field(f"{prefix}{task}", arrow))
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     return with_reference(table, reference_rule(table))
 
@@ -147,12 +167,13 @@ def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-def baseline_record(name: str, label: str, bits: list[int], accuracy: float, task_acc: dict, memory_bytes,
-                    weight_bytes: int, task_acc_norm: Optional[dict] = None) -> dict:
-    """A baseline's row (baselines.json), the same shape as a trial's: `trial_id` is `baseline:<name>`."""
+def baseline_record(name: str, label: str, bits: list[int], accuracy: float, scores: dict, memory_bytes,
+                    weight_bytes: int) -> dict:
+    """A baseline's row (baselines.json), shaped like a results row: `trial_id` is `baseline:<name>`, and the
+    per-task scores (`scores`: qpruner.evaluate.eval_record's dict, or a trial result) become acc_/ppl_ columns."""
+    columns = {f"{prefix}{t}": v for name_, prefix, _ in TASK_COLUMNS for t, v in (scores.get(name_) or {}).items()}
     return {"trial_id": f"baseline:{name}", "label": label, "bits": bits, "accuracy": accuracy,
-            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **{f"acc_{t}": a for t, a in task_acc.items()},
-            **{f"acc_norm_{t}": a for t, a in (task_acc_norm or {}).items()}}
+            "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **columns}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +194,11 @@ def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
         return None
     row = rows[0]
     result = {k: row.get(k) for k in RECORDED_KEYS}
-    result.update(memory_gb=row["memory_gb"], final=row["status"] == "completed", answered_from_record=True,
-                  task_acc={c[4:]: row[c] for c in row if c.startswith("acc_") and not c.startswith("acc_norm_") and row[c] is not None},
-                  task_acc_norm={c[9:]: row[c] for c in row if c.startswith("acc_norm_") and row[c] is not None})
+    result.update(memory_gb=row["memory_gb"], final=row["status"] == "completed", answered_from_record=True)
+    for name, prefix, _ in TASK_COLUMNS:
+        result[name] = {c[len(prefix):]: row[c] for c in row if _prefix_of(c) == prefix and row[c] is not None}
+    subtasks = json.loads(row["subtask_scores"]) if row.get("subtask_scores") else {}
+    result.update(subtask_acc=subtasks.get("acc", {}), subtask_acc_norm=subtasks.get("acc_norm", {}))
     return result
 
 
@@ -210,6 +233,10 @@ def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
         "accuracy": last.get("accuracy") if final else None,
         "task_acc": last.get("task_acc") or {},
         "task_acc_norm": last.get("task_acc_norm") or {},
+        "task_ppl": last.get("task_ppl") or {},
+        "task_docs": last.get("task_docs") or {},
+        "subtask_acc": last.get("subtask_acc") or {},
+        "subtask_acc_norm": last.get("subtask_acc_norm") or {},
         "val_logprob": last.get("val_logprob"),
         "val_acc": last.get("val_acc"),
         "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
@@ -295,5 +322,5 @@ def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
     old = previous.filter(pc.is_in(previous["trial_id"], pa.array(keep_old)))
     fresh = results.filter(pc.invert(pc.is_in(results["trial_id"], pa.array(keep_old))))
     merged = pa.concat_tables([fresh, old], promote_options="default")
-    columns = RESULTS_SCHEMA.names + metric_columns(merged.column_names)  # same order as results_table
+    columns = RESULTS_SCHEMA.names + task_columns(merged.column_names)  # same order as results_table
     return merged.select(columns).sort_by("started_at").replace_schema_metadata(results.schema.metadata)

@@ -329,7 +329,9 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     check_storage({"the run folder (--out)": out, "the cache": plan.cfg.output.cache})
     if not restore:
         init_out_dir(out, cfg, plan.cfg, overwrite)
-        (out / VALIDATION_RECORD).write_text(json.dumps(plan.tasks.validation))
+        write_json_atomic({"validation": plan.tasks.validation, "warnings": plan.tasks.warnings}, out / VALIDATION_RECORD)
+    for line in plan.tasks.warnings:
+        print(f"[qpruner] {line}", flush=True)
     started = time.time()
     pruned = prune_with_ray(plan.cfg, num_gpus=1.0 if plan.resources['gpu'] else 0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)

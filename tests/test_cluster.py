@@ -21,7 +21,21 @@ from tests.local_cluster import LocalCluster, can_unshare
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not can_unshare(), reason="needs mount namespaces (unshare -m) to give nodes private folders")
+needs_namespaces = pytest.mark.skipif(not can_unshare(), reason="needs mount namespaces (unshare -m) to give nodes private folders")
+
+
+def test_cluster_yaml_passes_rays_autoscaler_validation_and_sets_what_the_plan_needs():
+    """What `ray up cluster.yaml` checks (defaults filled, then the schema and Ray's own rules)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the driver's node runs no trials
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("QPRUNER_CACHE=/mnt/qpruner/cache" in c and "HF_HOME=/mnt/qpruner/hf" in c for c in starts if "ray start" in c)
+    assert any("--num-cpus=0" in c for c in raw["head_start_ray_commands"])
+    assert any("/mnt/qpruner" in opt for opt in raw["docker"]["run_options"])  # the shared mount inside the container
 
 
 def shared_cache(shared: Path, tiny_assets) -> Path:
@@ -72,6 +86,7 @@ def cluster_run(tmp_path_factory, tiny_assets):
     return out, proc, {k: v for k, v in env.items() if not k.startswith("RAY_")}
 
 
+@needs_namespaces
 def test_search_on_workers_leaves_everything_in_the_run_folder(cluster_run):
     out, proc, _ = cluster_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,6 +100,7 @@ def test_search_on_workers_leaves_everything_in_the_run_folder(cluster_run):
     assert kept == set(front)  # output.keep_adapters: pareto dropped the others, wherever they ran
 
 
+@needs_namespaces
 def test_report_export_and_reload_from_the_run_folder_alone(cluster_run, tmp_path):
     out, proc, env = cluster_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,6 +119,7 @@ def test_report_export_and_reload_from_the_run_folder_alone(cluster_run, tmp_pat
     assert loaded.returncode == 0 and loaded.stdout.strip().endswith("True"), loaded.stderr[-2000:]
 
 
+@needs_namespaces
 def test_a_node_without_the_shared_folder_stops_the_run_in_preflight(tmp_path_factory, tiny_assets):
     shared = tmp_path_factory.mktemp("shared_missing")
     cache = shared_cache(shared, tiny_assets)

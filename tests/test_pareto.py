@@ -163,7 +163,26 @@ EXPECTED_FIXED = [
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),
     ("loftq_s", "double"), ("finetune_s", "double"), ("eval_s", "double"), ("error", "string"), ("started_at", "double"),
+    ("subtask_scores", "string"),
 ]
+
+
+def test_perplexity_and_document_counts_get_their_own_columns_and_read_back():
+    """A perplexity task in eval.tasks reaches results.parquet (ppl_<task>), the table labels and a resumed trial."""
+    from qpruner.results import column_label, metric_columns, recorded_result
+
+    rec = {**record(0, "completed", [4, 8], 0.6, 100), "task_ppl": {"wikitext": 31.5}, "task_docs": {"boolq": 36, "wikitext": 5},
+           "subtask_acc": {"mmlu_anatomy": 0.25}}
+    table = results_table([rec])
+    assert table["ppl_wikitext"].to_pylist() == [31.5] and table["docs_boolq"].to_pylist() == [36]
+    assert "ppl_wikitext" in metric_columns(table.column_names) and "docs_boolq" not in metric_columns(table.column_names)
+    assert column_label("ppl_wikitext") == "wikitext (word perplexity)"
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        write_results([rec], Path(tmp), plot=False)
+        back = recorded_result(Path(tmp), rec["trial_id"])
+    assert back["task_ppl"] == {"wikitext": 31.5} and back["task_docs"] == {"boolq": 36, "wikitext": 5}
+    assert back["subtask_acc"] == {"mmlu_anatomy": 0.25}
 
 
 def test_results_table_schema_is_fixed():
