@@ -40,8 +40,8 @@ def measure(name: str, plan) -> dict:
         result = run_trial(cfg, plan.pruned_path, [16] * plan.n_layers, tasks=plan.tasks)
         return row(name, result["bits"], result["accuracy"], result, result["memory_bytes"], result["weight_bytes"])
     if name == "apt":
-        return apt_no_retraining(cfg, plan.tasks.held_out)
-    return unpruned(cfg, plan.tasks.held_out)
+        return apt_no_retraining(cfg, plan.tasks)
+    return unpruned(cfg, plan.tasks)
 
 
 def apt_sparsity(cfg: Config):
@@ -52,7 +52,7 @@ def apt_sparsity(cfg: Config):
     return cfg.prune.sparsity if cfg.prune.method in SPARSE_METHODS else cfg.prune.ratio
 
 
-def apt_no_retraining(cfg: Config, held_out: dict[str, int]) -> dict:
+def apt_no_retraining(cfg: Config, tasks) -> dict:
     """The source model APT-pruned (same calibration, the shared prune cache) at matching sparsity, evaluated
     zero-shot without quantization or fine-tuning; memory is its dense weights (zeros stored)."""
     from qpruner.evaluate import eval_record, evaluate_model
@@ -63,12 +63,12 @@ def apt_no_retraining(cfg: Config, held_out: dict[str, int]) -> dict:
     prune = {**dataclasses.asdict(cfg.prune), "method": "apt", "ratio": 0.0, "sparsity": apt_sparsity(cfg)}
     apt_cfg = config_from_dict({**cfg.to_dict(), "prune": prune, "search": {**cfg.to_dict()["search"], "importance": "mi"}})
     model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
+    ev = evaluate_model(model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths, skip=tasks.held_out)
     bits = [16] * len(model.model.layers)
     return row("apt", bits, ev["mean_acc"], eval_record(ev), None, weight_bytes(model, bits, cfg.quant)["total"])
 
 
-def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
+def unpruned(cfg: Config, tasks) -> dict:
     """The source model before pruning, evaluated zero-shot as loaded; memory is its weights only."""
     from qpruner.evaluate import eval_record, evaluate_model
     from qpruner.memory import weight_bytes
@@ -77,7 +77,7 @@ def unpruned(cfg: Config, held_out: dict[str, int]) -> dict:
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.output.cache, cfg.model.trust_remote_code,
                                   pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
-    ev = evaluate_model(model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out)
+    ev = evaluate_model(model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths, skip=tasks.held_out)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
     return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"], eval_record(ev), None, weights)
 

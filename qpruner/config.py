@@ -300,6 +300,9 @@ class SearchConfig:
     importance: Literal["mi", "quant_loss", "taylor"] = "mi"
     temperature: float = 1.0  # importance -> probability of high precision; lower = sharper
     ranks: Optional[list[int]] = None  # RankAdaptor: also search each layer's LoRA rank
+    # Tie consecutive decoder layers into this many groups that share one bit-width (and rank): the search
+    # space for deep models (LLaMA-2-70B has 80 layers); null = one choice per layer
+    layer_groups: Optional[int] = None
     max_failures: int = 0  # Tune retries of a failed trial
     seed: int = 0
     # Reference rows measured after the search for the report: "unpruned" (zero-shot), "uniform-16" (LoRA) and
@@ -325,6 +328,8 @@ class SearchConfig:
         unknown = [b for b in self.baselines if b not in ("unpruned", "uniform-16", "apt")]
         if unknown:
             raise ConfigError(f"{path}.baselines", f"unknown baseline {unknown[0]!r}; use a subset of [unpruned, uniform-16, apt] or []")
+        if self.layer_groups is not None:
+            _positive(self.layer_groups, f"{path}.layer_groups")
         if self.ranks is not None:
             if not self.ranks or any(r <= 0 for r in self.ranks):
                 raise ConfigError(f"{path}.ranks", "must be null or a list of positive LoRA ranks, e.g. [4, 8, 16]")

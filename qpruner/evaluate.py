@@ -719,7 +719,8 @@ def _val_twins(cfg: Config, names: Sequence[str], paths: Sequence[str]) -> dict[
 VALIDATED_TYPES = ("multiple_choice", "loglikelihood")  # task types whose gold answer can be scored
 
 
-def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None) -> Callable[[], dict]:
+def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Optional[str | Path] = None,
+                   plan=None) -> Callable[[], dict]:
     """ASHA's signal: () -> {"val_logprob", "val_acc"} on the validation tasks' first documents (see
     `validation_limits`: `finetune.val_limit` per task, spread over a group's subtasks).
 
@@ -729,9 +730,14 @@ def make_validator(model: torch.nn.Module, tokenizer, cfg: Config, cache_dir: Op
     for single-continuation tasks its log-likelihood. Unlike accuracy on a few dozen items, it moves with
     every document's margin, so it ranks configurations instead of tying them. val_acc (the argmax,
     unnormalised) comes free with it. Requests are built once here; each call only runs the forward passes.
+    `plan` (qpruner.plan.TaskPlan) carries the validation tasks and limits the driver resolved; without it
+    they are resolved here.
     """
-    tasks = validated_tasks(cfg, cache_dir)
-    limits = validation_limits(cfg, cache_dir)
+    if plan is None:
+        tasks, limits = validated_tasks(cfg, cache_dir), validation_limits(cfg, cache_dir)
+    else:
+        loaded = load_tasks(tuple(plan.val_names), tuple(plan.include_paths))["tasks"]
+        tasks, limits = {n: t for n, t in loaded.items() if t.OUTPUT_TYPE in VALIDATED_TYPES}, plan.val_limits
     owner = {leaf: name for name, leaves in limits.items() for leaf in leaves}
     requests = {leaf: gold_requests(task, limits[owner[leaf]][leaf]) for leaf, task in tasks.items()}
     lm = wrap_model(model, tokenizer, cfg.eval.batch_size)
@@ -827,6 +833,7 @@ def evaluate_model(
     limit: Optional[int] = None,
     cache_dir: Optional[str | Path] = None,
     skip: Optional[Mapping[str, int]] = None,
+    include_paths: Optional[Sequence[str]] = None,
 ) -> dict:
     """Zero-shot lm-eval scores of the in-memory model.
 
@@ -837,10 +844,12 @@ def evaluate_model(
     documents per leaf task; `skip` ({leaf: n}, see `held_out_docs`) leaves out the first n documents the
     quick validation read. Perplexity tasks (wikitext) report their perplexities (`task_ppl`: word
     perplexity) and stay out of mean_acc (None if no task has acc). `eval_record` turns this into the
-    trial result's keys.
+    trial result's keys. `include_paths` with `tasks`: names the driver already resolved (qpruner.plan.TaskPlan),
+    so nothing is resolved again here.
     """
     started = time.perf_counter()
-    names, paths = resolve_tasks(ecfg, cache_dir, tasks)
+    names, paths = (list(tasks), list(include_paths)) if tasks is not None and include_paths is not None \
+        else resolve_tasks(ecfg, cache_dir, tasks)
     lm = wrap_model(model, tokenizer, ecfg.batch_size)
     loaded = load_tasks(tuple(names), tuple(paths))
     scores = run_tasks(lm, loaded, ecfg.limit if limit is None else limit, skip=skip)

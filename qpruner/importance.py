@@ -63,12 +63,21 @@ def mi_importance(model, tokenizer, cfg: Config, cache_dir: Optional[str | Path]
     Samples per task type: `task_samples`. The score is I(h_l; Y) itself, as the paper defines it,
     not its gain over the previous layer: the gain is a difference of two noisy estimates and ranked
     the tiny model's layers less alike on disjoint docs. Floored at a small positive value.
+
+    A task validated on documents held out of its final score (no disjoint split), and every subtask of
+    a group, reads at most the documents quick validation holds out (`validation_limits`), so importance
+    never reads a document the final score counts.
     """
-    from qpruner.evaluate import load_tasks, validation_tasks
+    from qpruner.evaluate import load_tasks, validation_limits, validation_tasks
 
     tasks = load_tasks(*validation_tasks(cfg, cache_dir))["tasks"]
-    mi = np.mean([layer_information(*task_samples(model, tokenizer, task, docs), components=components,
-                                    n_neighbors=n_neighbors, seed=seed) for task in tasks.values()], axis=0)
+    held = {leaf: n for per_task in validation_limits(cfg, cache_dir).values() for leaf, n in per_task.items()}
+
+    def window(name: str) -> slice:
+        return slice(docs.start, min(docs.stop, held[name])) if name in held and docs.stop is not None else docs
+
+    mi = np.mean([layer_information(*task_samples(model, tokenizer, task, window(name)), components=components,
+                                    n_neighbors=n_neighbors, seed=seed) for name, task in tasks.items()], axis=0)
     floor = 1e-3 * max(float(mi.max()), 1e-9)
     return [float(max(m, floor)) for m in mi[1:]]  # mi[0] is the embeddings
 

@@ -17,11 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qpruner.results import (
-    GB, column_label, merge_previous, metric_columns, results_table, with_reference, write_parquet_atomic,
+    GB, column_label, merge_previous, metric_columns, reference_rule, results_table, with_reference,
+    write_parquet_atomic,
 )
-
-REF_MEMORY_FACTOR = 1.1
-
 
 def completed_mask(table: pa.Table) -> pa.ChunkedArray:
     """True for rows that can be on the front: status completed, finite accuracy, memory known."""
@@ -72,16 +70,6 @@ def hypervolume(acc: Sequence[float], mem: Sequence[float], ref_acc: float, ref_
     a, m = acc[front][order], mem[front][order]
     right = np.append(m[1:], ref_mem)  # each front point owns memory [m_i, m_{i+1}) at its accuracy
     return float(np.sum((right - m) * (a - ref_acc)))
-
-
-def reference_rule(table: pa.Table) -> tuple[float, float]:
-    """The rule: accuracy 0.0, memory 1.1 x the largest memory of any trial in the table.
-
-    Any status counts (memory is known before fine-tuning), so once the uniform-highest anchor has
-    started - the costliest configuration of the run - the point no longer moves.
-    """
-    mems = [m for m in table["memory_bytes"].to_pylist() if m is not None]
-    return 0.0, REF_MEMORY_FACTOR * float(max(mems, default=0))
 
 
 def reference_point(table: pa.Table) -> tuple[float, float]:

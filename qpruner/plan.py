@@ -42,6 +42,7 @@ class TaskPlan:
     held_out: dict[str, int]  # documents skipped at the start of a task validated on its own split
     validation: dict[str, str]  # where each task's quick validation reads, in words (report)
     warnings: list[str] = field(default_factory=list)  # tasks left with few scored documents (printed, reported)
+    val_limits: dict[str, dict[str, int]] = field(default_factory=dict)  # validation documents per leaf task
 
 
 @dataclass
@@ -126,14 +127,15 @@ def preflight(cfg: Config) -> TaskPlan:
 
 def plan_tasks(cfg: Config) -> TaskPlan:
     """The evaluation tasks, their validation twins and held-out documents, resolved once."""
-    from qpruner.evaluate import check_eval_inputs, held_out_docs, held_out_warnings, resolve_tasks, validation_plan, \
-        validation_tasks
+    from qpruner.evaluate import check_eval_inputs, held_out_docs, held_out_warnings, resolve_tasks, validation_limits, \
+        validation_plan, validation_tasks
 
     check_eval_inputs(cfg)
     names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
     val_names, _ = validation_tasks(cfg)
     return TaskPlan(names=list(names), include_paths=list(paths), val_names=list(val_names),
-                    held_out=held_out_docs(cfg), validation=validation_plan(cfg), warnings=held_out_warnings(cfg))
+                    held_out=held_out_docs(cfg), validation=validation_plan(cfg), warnings=held_out_warnings(cfg),
+                    val_limits=validation_limits(cfg))
 
 
 def make_plan(cfg: Config, out: Path) -> RunPlan:

@@ -144,8 +144,6 @@ def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
 
     The schema metadata holds the objectives and the run's hypervolume reference point.
     """
-    from qpruner.pareto import reference_rule
-
     rows = sorted((TrialRecord.of(r) for r in records), key=lambda r: r.started_at or 0.0)
     columns = [pa.array([getattr(r, f.name) for r in rows], type=f.type) for f in RESULTS_SCHEMA]
     fields = list(RESULTS_SCHEMA)
@@ -157,6 +155,19 @@ def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
             fields.append(pa.field(f"{prefix}{task}", arrow))
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     return with_reference(table, reference_rule(table))
+
+
+REF_MEMORY_FACTOR = 1.1
+
+
+def reference_rule(table: pa.Table) -> tuple[float, float]:
+    """The rule: accuracy 0.0, memory 1.1 x the largest memory of any trial in the table.
+
+    Any status counts (memory is known before fine-tuning), so once the uniform-highest anchor has
+    started - the costliest configuration of the run - the point no longer moves.
+    """
+    mems = [m for m in table["memory_bytes"].to_pylist() if m is not None]
+    return 0.0, REF_MEMORY_FACTOR * float(max(mems, default=0))
 
 
 def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
@@ -206,13 +217,14 @@ def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
 # Records: one plain dict per Tune trial, the input of qpruner.pareto.
 
 
-def record_from_trial(trial, tune_status: Optional[str] = None) -> dict:
+def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Optional[int] = None) -> dict:
     """Flatten a Tune Trial (status, last result, error) into the record qpruner.pareto expects.
     `tune_status` overrides trial.status (callbacks run before Tune updates it)."""
     from qpruner.search import bits_from_config, ranks_from_config
 
     last = dict(trial.last_result or {})
-    n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
+    if n_layers is None:  # one bit-width per layer (a grouped search passes the model's layer count)
+        n_layers = sum(1 for k in trial.config if k.startswith("b") and k[1:].isdigit())
     final = bool(last.get("final"))
     status_now = tune_status or trial.status
     error = None

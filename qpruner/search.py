@@ -24,31 +24,60 @@ MODES = ["max", "min"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Search space: one categorical per decoder layer ("b0".."b{L-1}"), optionally a LoRA rank each ("r0"..).
+# Search space: one categorical per unit ("b0".."b{U-1}"), optionally a LoRA rank each ("r0"..). A unit is
+# a decoder layer, or with `search.layer_groups: N` one of N groups of consecutive layers that share one
+# bit-width and rank. Everything outside the search (trials, results, report, export) sees per-layer bits.
 
 
-def param_space(n_layers: int, bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
-    """Tune space: one categorical bit-width per decoder layer, plus a LoRA rank per layer when `ranks`."""
+def layer_groups(n_layers: int, n_groups: int) -> list[list[int]]:
+    """`n_groups` runs of consecutive layer indices whose sizes differ by at most one (earlier runs larger)."""
+    return [list(map(int, g)) for g in np.array_split(np.arange(n_layers), n_groups)]
+
+
+def search_units(cfg: Config, n_layers: int) -> int:
+    """How many bit-widths the search chooses: `search.layer_groups`, else one per decoder layer."""
+    groups = cfg.search.layer_groups
+    if groups is None:
+        return n_layers
+    if groups > n_layers:
+        raise ConfigError("search.layer_groups", f"{groups} groups asked, but the pruned model has {n_layers} decoder "
+                          f"layers; use at most {n_layers}, or null for one bit-width per layer")
+    return groups
+
+
+def expand(values: Sequence[int], n_layers: int) -> list[int]:
+    """Per-unit values -> per-layer values (each group's value repeated over its layers)."""
+    if len(values) == n_layers:
+        return [int(v) for v in values]
+    return [int(v) for v, group in zip(values, layer_groups(n_layers, len(values))) for _ in group]
+
+
+def param_space(n_units: int, bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
+    """Tune space: one categorical bit-width per unit, plus a LoRA rank per unit when `ranks`."""
     from ray import tune
 
-    space = {f"b{i}": tune.choice(list(bits)) for i in range(n_layers)}
+    space = {f"b{i}": tune.choice(list(bits)) for i in range(n_units)}
     if ranks:
-        space.update({f"r{i}": tune.choice(list(ranks)) for i in range(n_layers)})
+        space.update({f"r{i}": tune.choice(list(ranks)) for i in range(n_units)})
     return space
 
 
+def _units(config: dict, prefix: str) -> list[int]:
+    return [int(config[f"{prefix}{i}"]) for i in range(sum(1 for k in config if k[:1] == prefix and k[1:].isdigit()))]
+
+
 def bits_from_config(config: dict, n_layers: int) -> list[int]:
-    """The per-layer bit vector of a Tune config."""
-    return [int(config[f"b{i}"]) for i in range(n_layers)]
+    """The per-layer bit vector of a Tune config (a grouped config's bits repeated over each group's layers)."""
+    return expand(_units(config, "b"), n_layers)
 
 
 def ranks_from_config(config: dict, n_layers: int) -> Optional[list[int]]:
     """The per-layer LoRA ranks of a Tune config, or None when ranks are not searched."""
-    return [int(config[f"r{i}"]) for i in range(n_layers)] if "r0" in config else None
+    return expand(_units(config, "r"), n_layers) if "r0" in config else None
 
 
 def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None) -> dict:
-    """The Tune config of a bit vector (and ranks): the inverse of bits_from_config/ranks_from_config."""
+    """The Tune config of a per-unit bit vector (and ranks): the inverse of bits_from_config/ranks_from_config."""
     config = {f"b{i}": int(b) for i, b in enumerate(bits)}
     if ranks:
         config.update({f"r{i}": int(r) for i, r in enumerate(ranks)})

@@ -92,13 +92,16 @@ def run_trial(
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
-    validator = make_validator(peft_model, tokenizer, cfg)
+    validator = make_validator(peft_model, tokenizer, cfg, plan=tasks)
     ft = finetune(peft_model, tokenizer, cfg, report=report_progress, validate=validator, progress=progress)
     timings["finetune_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    skip = tasks.held_out if tasks is not None else held_out_docs(cfg)
-    ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=skip)
+    if tasks is not None:  # resolved on the driver
+        ev = evaluate_model(peft_model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths,
+                            skip=tasks.held_out)
+    else:
+        ev = evaluate_model(peft_model, tokenizer, cfg.eval, cache_dir=cfg.output.cache, skip=held_out_docs(cfg))
     timings["eval_s"] = time.perf_counter() - t
 
     measured = None

@@ -68,14 +68,15 @@ class ResultsWriter(Callback):
     It lives in the Tuner's pickled run config, so a restored run keeps writing the same files.
     """
 
-    def __init__(self, out_dir: Path, num_samples: int):
+    def __init__(self, out_dir: Path, num_samples: int, n_layers: int):
         self.out_dir = Path(out_dir)
         self.num_samples = num_samples
+        self.n_layers = n_layers  # a grouped search's configs hold one bit-width per group
 
     def write(self, trials, plot: bool = False, just_ended=None, status: Optional[str] = None) -> list[dict]:
         from qpruner.pareto import write_results
 
-        records = [record_from_trial(t, status if t is just_ended else None) for t in trials
+        records = [record_from_trial(t, status if t is just_ended else None, self.n_layers) for t in trials
                    if t is just_ended or t.status in ("TERMINATED", "ERROR")]
         if records:
             write_results(records, self.out_dir, plot=plot)
@@ -141,16 +142,18 @@ def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> N
     write_json_atomic({"run_key": run_key(cfg), "created": time.time()}, out / "run.json")
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
+def trial_resources(cfg: Config, can_grow: bool = True) -> dict[str, float]:
     """The per-trial Ray resources; `gpu: auto` means a GPU fraction of 1/concurrency where GPUs exist.
 
-    GPUs the cluster does not have yet are asked of the autoscaler (see `wait_for_gpus`); `auto` on a
-    cluster without GPUs says so, and refuses a model that would not fit in a node's memory."""
+    On a cluster that can grow (one the driver joined with --address) GPUs it does not have yet are asked
+    of the autoscaler (see `wait_for_gpus`); a local Ray started by the driver cannot grow, so the
+    refusal is immediate. `auto` on a cluster without GPUs says so, and refuses a model that would not
+    fit in a node's memory."""
     import ray
 
     gpu = cfg.resources.gpu
     if gpu != "auto" and gpu > 0:
-        wait_for_gpus(cfg, gpu)
+        wait_for_gpus(cfg, gpu, cfg.resources.gpu_wait_s if can_grow else 0)
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpu == "auto":
         gpu = min(1.0, gpus / cfg.search.concurrency) if gpus else 0.0
@@ -164,7 +167,7 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
 
 
-def wait_for_gpus(cfg: Config, gpu: float) -> None:
+def wait_for_gpus(cfg: Config, gpu: float, wait: float) -> None:
     """GPUs asked for but not (yet) in the cluster: ask the autoscaler for one trial's worth per concurrent
     trial and wait up to `resources.gpu_wait_s`, printing progress, before failing in one line. Without an
     autoscaler the request is a no-op and the wait shows that no GPU node joins."""
@@ -173,7 +176,6 @@ def wait_for_gpus(cfg: Config, gpu: float) -> None:
 
     if ray.cluster_resources().get("GPU", 0) >= gpu:
         return
-    wait = cfg.resources.gpu_wait_s
     if wait > 0:
         bundle = {"GPU": gpu, "CPU": cfg.resources.cpu}
         request_resources(bundles=[bundle] * cfg.search.concurrency)
@@ -190,7 +192,8 @@ def wait_for_gpus(cfg: Config, gpu: float) -> None:
             time.sleep(1)
     raise QPrunerError(
         f"resources.gpu: {gpu:g} GPU per trial asked, but the Ray cluster has "
-        f"{ray.cluster_resources().get('GPU', 0):g} GPU after waiting {wait:g}s (resources.gpu_wait_s); start GPU "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPU" + (f" after waiting {wait:g}s (resources.gpu_wait_s)" if wait else "")
+        + "; start GPU "
         "workers (cluster.yaml), wait longer, or set resources.gpu: 0 (CPU) or 'auto'"
     )
 
@@ -215,28 +218,33 @@ def check_fits_cpu_nodes(cfg: Config) -> None:
 
 def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None]:
     """The first Tune configs: importance-aware bit vectors (QPruner's probabilistic decision) or random
-    ones, with per-layer ranks drawn the same way when ranks are searched (anchors keep lora.rank)."""
+    ones, with per-unit ranks drawn the same way when ranks are searched (anchors keep lora.rank). With
+    `search.layer_groups` a group's importance is its layers' mean and its memory their sum."""
     import ray
 
     from qpruner.importance import importance_task
     from qpruner.memory import shapes_from_config, weight_bytes
-    from qpruner.search import config_from_bits, initial_configs, initial_ranks, random_configs
+    from qpruner.search import config_from_bits, expand, initial_configs, initial_ranks, layer_groups, random_configs, \
+        search_units
 
     cfg, n_layers = plan.cfg, plan.n_layers
-    search = cfg.search
+    search, units = cfg.search, search_units(plan.cfg, plan.n_layers)
     if search.init == "random":
-        bits = random_configs(n_layers, cfg.quant.bits, search.n_init, search.seed)
-        ranks = random_configs(n_layers, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
+        bits = random_configs(units, cfg.quant.bits, search.n_init, search.seed)
+        ranks = random_configs(units, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
     task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
     importance = ray_get(task.remote(plan))
+    unit_importance = [float(sum(importance[i] for i in g) / len(g)) for g in layer_groups(n_layers, units)]
     shapes = shapes_from_config(plan.pruned_config)
-    bits = initial_configs(importance, cfg.quant.bits, search.n_init, search.temperature, search.seed, anchors=search.anchors,
-                           weight_fn=lambda b: weight_bytes(shapes, b, cfg.quant)["total"])  # pruned layers differ in size
+    bits = initial_configs(unit_importance, cfg.quant.bits, search.n_init, search.temperature, search.seed,
+                           anchors=search.anchors,  # pruned layers differ in size: memory from their shapes
+                           weight_fn=lambda b: weight_bytes(shapes, expand(b, n_layers), cfg.quant)["total"])
     ranks = [None] * len(bits)
     if search.ranks:
         n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0
-        ranks = ranks[:n_anchors] + initial_ranks(importance, search.ranks, len(bits) - n_anchors, search.temperature, search.seed)
+        ranks = ranks[:n_anchors] + initial_ranks(unit_importance, search.ranks, len(bits) - n_anchors,
+                                                  search.temperature, search.seed)
     return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance
 
 
@@ -253,9 +261,9 @@ def build_tuner(plan: RunPlan, points: list, restore: bool):
     """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
     from ray import tune
 
-    from qpruner.search import make_searcher, param_space
+    from qpruner.search import make_searcher, param_space, search_units
 
-    cfg, out, n_layers = plan.cfg, Path(plan.out), plan.n_layers
+    cfg, out, units = plan.cfg, Path(plan.out), search_units(plan.cfg, plan.n_layers)
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, plan=plan), plan.resources)
     if restore:
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, restart_errored=False)
@@ -271,16 +279,16 @@ def build_tuner(plan: RunPlan, points: list, restore: bool):
             reduction_factor=cfg.search.asha.reduction_factor,
             stop_last_trials=False,  # a trial past the top rung finishes its training and evaluation
         )
-    searcher = make_searcher(cfg, n_layers, points, record_path=out / SEARCHER_RECORD)
+    searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD)
     return tune.Tuner(
         trainable,
-        param_space=param_space(n_layers, cfg.quant.bits, cfg.search.ranks),
+        param_space=param_space(units, cfg.quant.bits, cfg.search.ranks),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
             storage_path=str(out),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[ResultsWriter(out, cfg.search.num_samples)],
+            callbacks=[ResultsWriter(out, cfg.search.num_samples, plan.n_layers)],
             verbose=1,
         ),
     )
@@ -325,7 +333,7 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     restore = check_out_dir(out, cfg, resume, overwrite)
     plan = make_plan(cfg, out)  # resolved once, here: every task and trial gets this plan
     start_ray(address, dashboard, plan.env)
-    plan = dataclasses.replace(plan, resources=trial_resources(plan.cfg))
+    plan = dataclasses.replace(plan, resources=trial_resources(plan.cfg, can_grow=address is not None))
     check_storage({"the run folder (--out)": out, "the cache": plan.cfg.output.cache})
     if not restore:
         init_out_dir(out, cfg, plan.cfg, overwrite)

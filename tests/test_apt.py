@@ -178,7 +178,7 @@ def test_trial_and_no_retraining_baseline_on_an_apt_model(cache):
     import yaml
 
     from qpruner.baselines import apt_no_retraining
-    from qpruner.evaluate import held_out_docs
+    from qpruner.plan import plan_tasks
     from qpruner.trial import run_trial
 
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
@@ -191,5 +191,5 @@ def test_trial_and_no_retraining_baseline_on_an_apt_model(cache):
     assert result["steps"] == 4 and 0 < result["accuracy"] <= 1
     assert result["weight_storage"] == "dense (sparsity 2:4: zeros stored)"
     assert result["weight_bytes"] > 0 and result["memory_bytes"] > result["weight_bytes"]
-    baseline = apt_no_retraining(cfg, held_out_docs(cfg))
+    baseline = apt_no_retraining(cfg, plan_tasks(cfg))
     assert baseline["label"] == "APT, no retraining" and baseline["memory_bytes"] is None and 0 < baseline["accuracy"] <= 1

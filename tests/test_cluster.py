@@ -8,6 +8,7 @@ cluster has a worker whose view of `--out` and the cache is private: its run sto
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def shared_cache(shared: Path, tiny_assets) -> Path:
 
 def recipe(tmp: Path) -> Path:
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
-    raw["search"].update(num_samples=4, concurrency=2, n_init=2, baselines=["unpruned"])
+    # a grouped search (3 groups of the 6 layers) checks on the way that every output holds per-layer bits
+    raw["search"].update(num_samples=4, concurrency=2, n_init=2, baselines=["unpruned"], layer_groups=3)
     raw["finetune"].update(steps=20, report_every=10, val_limit=20)
     raw["resources"] = {"cpu": 1, "gpu": "auto"}
     path = tmp / "recipe.yaml"
@@ -100,6 +102,24 @@ def test_search_on_workers_leaves_everything_in_the_run_folder(cluster_run):
     assert kept == set(front)  # output.keep_adapters: pareto dropped the others, wherever they ran
 
 
+def per_layer_grouped(bits) -> bool:
+    """Six per-layer bit-widths, equal within each of the 3 groups (layers 0-1, 2-3, 4-5)."""
+    return len(bits) == 6 and all(bits[i] == bits[i + 1] for i in (0, 2, 4))
+
+
+@needs_namespaces
+def test_a_grouped_search_records_per_layer_bits_everywhere(cluster_run):
+    out, proc, env = cluster_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert all(per_layer_grouped(r["bits"]) for r in rows), [r["bits"] for r in rows]
+    assert len({tuple(r["bits"]) for r in rows}) > 1
+    assert all(per_layer_grouped(b) for b in json.loads((out / "importance.json").read_text())["initial"])
+    assert len(json.loads((out / "importance.json").read_text())["importance"]) == 6  # measured per layer
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert baselines["unpruned"]["bits"] == [16] * 6
+
+
 @needs_namespaces
 def test_report_export_and_reload_from_the_run_folder_alone(cluster_run, tmp_path):
     out, proc, env = cluster_run
@@ -117,6 +137,7 @@ def test_report_export_and_reload_from_the_run_folder_alone(cluster_run, tmp_pat
     loaded = subprocess.run([sys.executable, "-c", reload, str(exported)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert loaded.returncode == 0 and loaded.stdout.strip().endswith("True"), loaded.stderr[-2000:]
+    assert per_layer_grouped(json.loads((exported / "quantization.json").read_text())["bits"])
 
 
 @needs_namespaces

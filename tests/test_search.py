@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from qpruner.errors import ConfigError
+
 from qpruner.plan import resolved_config
 from qpruner.search import (
     bit_probabilities,
@@ -228,3 +230,20 @@ def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(
     check_memory_budget(resolved_config({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor * 1.01}}), pruned)
     with pytest.raises(ConfigError, match=r"search.max_memory_gb.*raise it above"):
         check_memory_budget(resolved_config({"prune": {"ratio": 0.3}, "search": {"max_memory_gb": floor / 2}}), pruned)
+
+
+def test_layer_groups_tie_consecutive_layers_and_expand_to_per_layer_bits():
+    from qpruner.search import bits_from_config, config_from_bits, expand, layer_groups, param_space, ranks_from_config, \
+        search_units
+
+    assert layer_groups(30, 5) == [list(range(i, i + 6)) for i in range(0, 30, 6)]
+    assert layer_groups(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]  # sizes differ by at most one, earlier runs larger
+    config = config_from_bits([4, 8, 4], [8, 16, 8])
+    assert bits_from_config(config, 7) == [4, 4, 4, 8, 8, 4, 4] and ranks_from_config(config, 7) == [8, 8, 8, 16, 16, 8, 8]
+    assert bits_from_config(config_from_bits([4, 8, 4]), 3) == [4, 8, 4]  # ungrouped: one per layer, unchanged
+    assert expand([8, 4], 4) == [8, 8, 4, 4]
+    assert len(param_space(search_units(resolved_config({"search": {"layer_groups": 5}}), 30), [4, 8])) == 5
+    with pytest.raises(ConfigError, match=r"^search\.layer_groups: 40 groups asked, but the pruned model has 30"):
+        search_units(resolved_config({"search": {"layer_groups": 40}}), 30)
+    with pytest.raises(ConfigError, match=r"^search\.layer_groups"):
+        resolved_config({"search": {"layer_groups": 0}})
