@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -287,14 +287,14 @@ def _error_text(trial) -> str:
 # Files: atomic writes, merging with an earlier file.
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: a kill mid-write never leaves a
-    truncated file, and the previous file stays readable until the new one is complete."""
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync, then os.replace: a kill mid-write never
+    leaves a truncated file, and the previous file stays readable until the new one is complete."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -308,19 +308,14 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         os.close(dir_fd)
 
 
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """results.parquet / pareto.parquet, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: pq.write_table(table, f))
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
-    """JSON beside `path`, then os.replace: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """run.json / baselines.json / validation.json, atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: json.dump(data, f, indent=1), mode="w")
 
 
 def merge_previous(results: pa.Table, previous: pa.Table) -> pa.Table:
