@@ -511,10 +511,8 @@ def write_gguf(model_dir: str | Path, bits: Sequence[int], out: str | Path, embe
         else:
             summary.tokenizer = _hf_tokenizer(writer, model_dir, n_vocab, tokenizer_pre)
         for tname, data, qtype in tensors:
-            if data.dtype == np.uint8:
+            if data.dtype == np.uint8:  # quantized (and BF16) tensors come as bytes
                 writer.add_tensor(tname, data, raw_dtype=qtype)
-            elif qtype == T.BF16:
-                writer.add_tensor(tname, gguf.quants.quantize(data, T.BF16), raw_dtype=T.BF16)
             else:
                 writer.add_tensor(tname, data)
             summary.tensor_types[qtype.name] = summary.tensor_types.get(qtype.name, 0) + 1
@@ -586,7 +584,8 @@ def gguf_from_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, **op
     try:
         export_trial(cfg, Path(pruned), Path(adapter), row, work / "export", merge=True)
         return write_gguf(work / "export" / "merged", row["bits"], out, tokenizer_gguf=source_gguf(Path(pruned)),
-                          name=options.pop("name", None) or f"{cfg.model.name} qpruner {row.get('trial_id', '')}".strip(),
+                          name=options.pop("name", None) or f"{Path(cfg.model.name).name.removesuffix('.gguf')} "
+                                                             f"qpruner {row.get('trial_id', '')}".strip(),
                           metadata={"trial_id": row.get("trial_id", ""), "source": cfg.model.name}, **options)
     finally:
         shutil.rmtree(work, ignore_errors=True)

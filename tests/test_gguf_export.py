@@ -111,8 +111,10 @@ def _bound(expected: np.ndarray, qtype) -> np.ndarray:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     blocks = np.abs(expected).reshape(expected.shape[0], -1, block).max(-1, keepdims=True)
     # Q4_0: d = max/8 and the opposite extreme is clipped to 7d, so |error| <= d; Q8_0 rounds: d/2 (d = max/127);
-    # the fp16 scale adds its own rounding, up to 8 (or 127) steps of 2^-11 d
-    step = {T.Q4_0: blocks / 8 * (1 + 8 * 2.0 ** -10), T.Q8_0: blocks / 127 * (0.5 + 127 * 2.0 ** -10)}[qtype]
+    # the fp16 scale adds its own rounding times up to 8 (or 127) steps: relative 2^-11, or absolute 2^-25 where
+    # d is an fp16 subnormal (a block of tiny values)
+    steps = {T.Q4_0: 8, T.Q8_0: 127}[qtype]
+    step = {T.Q4_0: blocks / 8, T.Q8_0: blocks / 127 / 2}[qtype] + steps * (blocks / steps * 2.0 ** -10 + 2.0 ** -25)
     return np.broadcast_to(step, blocks.shape[:2] + (block,)).reshape(expected.shape) + 1e-7
 
 
@@ -368,3 +370,25 @@ def test_layers_without_attention_heads_run_in_llama_cpp(wide_model, tmp_path, z
         ids = list(range(3, 40))
         ref = reference(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(llama_logits(summary.path, ids) - ref).max() <= LOGIT_TOLERANCE["f16"]
+
+
+def test_f16_overflow_falls_back_to_bf16(pruned, tmp_path):
+    """A 16-bit layer's tensor with values beyond F16's range is written as BF16, and the summary says so."""
+    import shutil
+
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from qpruner.gguf_export import dequantize, write_gguf
+
+    folder = tmp_path / "big"
+    shutil.copytree(pruned, folder)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.2.mlp.up_proj.weight"][0, 0] = 1e6
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    summary = write_gguf(folder, BITS, tmp_path / "big.gguf")
+    assert summary.fallbacks == {"blk.2.ffn_up.weight": "BF16 (values beyond F16's range)"}
+    tensor = next(t for t in gguf.GGUFReader(str(summary.path)).tensors if t.name == "blk.2.ffn_up.weight")
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16
+    values = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    assert values[0, 0] == pytest.approx(1e6, rel=2 ** -8)
