@@ -67,6 +67,8 @@ class Cells:
 
     # settings that change no figure: a rerun may differ in these and still resume
     FREE = ("threads",)
+    # settings added after some files were written, with the value those files were measured at
+    LEGACY = {"compute_dtype": "float32"}
 
     def __init__(self, study: str, header: dict):
         self.path = RESULTS / f"{study}.json"
@@ -78,11 +80,13 @@ class Cells:
 
     def check_same(self, old: dict, header: dict) -> None:
         """Exit in one line when the file's cells were measured with other settings than this run's."""
-        def fixed(value):
+        def fixed(value, key):
+            if key == "settings" and isinstance(value, dict):
+                value = {**self.LEGACY, **value}
             return {k: v for k, v in value.items() if k not in self.FREE} if isinstance(value, dict) else value
 
         for key, value in header.items():
-            if key in old and key != "data" and fixed(json.loads(json.dumps(old[key]))) != fixed(json.loads(json.dumps(value, default=str))):
+            if key in old and key != "data" and fixed(json.loads(json.dumps(old[key])), key) != fixed(json.loads(json.dumps(value, default=str)), key):
                 sys.exit(f"{self.path} holds cells measured with other {key} ({old[key]}); rerun with those settings "
                          f"or move the file away to start afresh")
 

@@ -8,6 +8,7 @@ rerun skips it), each sized to finish within about an hour on 2 CPU cores:
     python -m benchmarks.smollm2_study ablations              # results/smollm2_ablations.json
     python -m benchmarks.smollm2_study pruners                # results/smollm2_pruners.json
     python -m benchmarks.smollm2_study pricing                # results/smollm2_pricing.json (analytic)
+    python -m benchmarks.smollm2_study grouped                # results/smollm2_table_grouped.json (many hours)
 
 Table 1 rows on one pruned model (LLM-Pruner-style Taylor, calibrated on Pride and Prejudice):
 the unpruned model; LLM-Pruner + LoRA at 16 bits; QPruner-1 = uniform 4-bit LoftQ; QPruner-2 = the
@@ -21,14 +22,26 @@ for HellaSwag, ARC-e/c, OBQA, PIQA; acc elsewhere) on the first `--limit` docume
 standard errors, WikiText-2 test perplexity (first `--chunks` windows of 512 tokens), exact weight
 bytes and the estimated fine-tuning peak (measured on CUDA). Quick validation reads the last
 `--val-docs` documents of each task file (eval.val_data), never the scored ones.
+
+`grouped` is the ground truth a tabular search replay looks up: the 30 decoder layers of the Taylor 20% model
+tied in 5 consecutive groups of 6, each group 4 or 8 bits, all 32 configurations trained and scored at this
+budget, with every report's val_logprob (what ASHA sees) and each stage's seconds. It runs for hours: one cell per
+configuration, most useful first (uniform 4, uniform 8, one group at 8, one group at 4, then two and three at 8),
+`--commit-every N` commits the results file (only it) after every N new configurations.
+
+`--dtype` is quant.compute_dtype (default: tune_configs/smollm2_prune20.yaml's); files written before the setting
+existed were measured in float32, and a rerun in another dtype refuses to resume them.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, paper_mean_stderr, real_inputs, recipe, stderr, \
@@ -36,11 +49,14 @@ from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, paper_me
 from qpruner.prune import pruned_layer_count
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def settings(args) -> dict:
     """The budget every row of a part shares, written into its results (a search's own settings are in its cell)."""
     return {"limit": args.limit, "val_docs": args.val_docs, "steps": args.steps, "batch_size": 8, "max_length": 256,
             "report_every": args.report_every, "lora_rank": 8, "ppl_windows": f"{args.chunks} x 512 tokens",
-            "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0,
+            "calibration": "gutenberg 1342, 10 x 128 tokens", "fewshot": 0, "compute_dtype": args.dtype,
             "threads": args.threads}
 
 
@@ -71,10 +87,10 @@ def check_disjoint(rows: dict[str, int], args) -> None:
 class Study:
     """The shared state of one part: inputs, cache, recipe, tokenized WikiText-2 and the cells."""
 
-    def __init__(self, name: str, args, cache: Path):
+    def __init__(self, name: str, args, cache: Path, header: dict | None = None):
         self.args, self.cache, self.inputs = args, cache, real_inputs()
         self.cells = Cells(name, {"model": MODEL, "model_origin": ORIGIN, "data": data_files(self.inputs),
-                                  "settings": settings(args)})
+                                  "settings": settings(args), **(header or {})})
         self.rows = {t: len(Path(self.inputs['files'][t]).read_text().splitlines()) for t in TASKS}
         check_disjoint(self.rows, args)
         self.val = row_files(self.inputs, cache, slice(-args.val_docs, None), f"last{args.val_docs}")
@@ -84,7 +100,7 @@ class Study:
         a = self.args
         base = recipe(self.inputs, self.cache, a.limit,
                       finetune={"steps": a.steps, "report_every": a.report_every, "val_limit": a.val_docs},
-                      quant={"bits": [4, 8, 16]}, search={"baselines": []},
+                      quant={"bits": [4, 8, 16], **({"compute_dtype": a.dtype} if a.dtype in DTYPES else {})}, search={"baselines": []},
                       resources={"cpu": a.threads, "threads": a.threads})
         base["eval"]["val_data"] = self.val
         for name, values in sections.items():
@@ -109,13 +125,22 @@ class Study:
 
         return prune_cached(resolved_config(self.raw(prune=prune)), progress=False)
 
-    def trial(self, pruned_path: str, bits: list[int], **sections) -> dict:
-        """One qpruner trial (quantize, LoftQ, fine-tune, evaluate) plus perplexity; the row's figures."""
+    def trial(self, pruned_path: str, bits: list[int], report=None, **sections) -> dict:
+        """One qpruner trial (quantize, LoftQ, fine-tune, evaluate) plus perplexity; the row's figures.
+        `report` is run_trial's: called at every report step (step, train_loss, val_logprob, ...)."""
         from qpruner.plan import resolved_config
         from qpruner.trial import run_trial
 
         cfg = resolved_config(self.raw(**sections))
-        r = run_trial(cfg, pruned_path, bits, measure=self.ppl)
+        timed = {}
+
+        def measure(model, tokenizer):
+            started = time.perf_counter()
+            out = self.ppl(model, tokenizer)
+            timed["ppl_s"] = time.perf_counter() - started
+            return out
+
+        r = run_trial(cfg, pruned_path, bits, measure=measure, report=report)
         tasks = {}
         for t in TASKS:
             n = min(self.args.limit, self.rows[t])  # documents scored (the first ones)
@@ -125,7 +150,8 @@ class Study:
                 **r["measured"], "weight_bytes": r["weight_bytes"], "lora_bytes": r["lora_bytes"],
                 "peak_estimate_bytes": r["peak_estimate_bytes"], "peak_measured_bytes": r["peak_measured_bytes"],
                 "memory_source": r["memory_source"], "train_loss": r["train_loss"], "val_logprob": r.get("val_logprob"),
-                "seconds": {k: round(r[k], 1) for k in ("loftq_s", "finetune_s", "eval_s", "wall_seconds") if k in r}}
+                "seconds": {k: round({**r, **timed}[k], 1) for k in ("loftq_s", "quantize_s", "finetune_s", "eval_s", "ppl_s", "wall_seconds")
+                            if k in r or k in timed}}
 
 
 def mi_first_mixed(study: Study, pruned, method: str = "mi") -> tuple[list[float], list[int]]:
@@ -188,7 +214,8 @@ def measured_elsewhere(study: Study, files: str, key: str, source: str | None = 
     for path in sorted(RESULTS.glob(files)):
         other = json.loads(path.read_text()) if path != study.cells.path else {}
         cell = other.get("cells", {}).get(source or key)
-        if cell and all(other["settings"].get(k) == mine.get(k) for k in same) and \
+        theirs = {**Cells.LEGACY, **other.get("settings", {})}
+        if cell and all(theirs.get(k) == mine.get(k) for k in same) and \
                 (bits is None or cell.get("bits") == list(bits)) and \
                 (pruned is None or other["cells"].get("pruned", {}).get("path") == pruned) and \
                 all(other.get(k) == study.cells.payload.get(k) for k in ("model", "model_origin", "data")):
@@ -300,14 +327,141 @@ def pricing(args, cache: Path) -> None:
                                      "paper": PAPER, "ratios": out})
 
 
+GROUPS, GROUP_BITS = 5, (4, 8)
+GROUPED = "smollm2_table_grouped"
+
+
+def group_order(groups: int = GROUPS, low: int = GROUP_BITS[0], high: int = GROUP_BITS[1]) -> list[tuple[int, ...]]:
+    """Every assignment of `low`/`high` to the groups, in an order where a partial table is already useful:
+    uniform low, uniform high, one group high, one group low, then two and three high (by count of high groups
+    from both ends)."""
+    counts, lo, hi = [], 0, groups
+    while lo <= hi:
+        counts += [lo] if lo == hi else [lo, hi]
+        lo, hi = lo + 1, hi - 1
+    combos = list(itertools.product((low, high), repeat=groups))
+    return [c for k in counts for c in combos if c.count(high) == k]
+
+
+def expand_groups(group_bits, n_layers: int) -> list[int]:
+    """Per-layer bits from one bit-width per group of consecutive layers (the first n % groups groups one layer
+    longer when the layers do not divide evenly)."""
+    g = len(group_bits)
+    sizes = [n_layers // g + (1 if i < n_layers % g else 0) for i in range(g)]
+    return [b for b, size in zip(group_bits, sizes) for _ in range(size)]
+
+
+def code_version() -> dict:
+    """The commit a cell was measured at, and whether qpruner/ had uncommitted changes then."""
+    from benchmarks.common import ROOT
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "qpruner_dirty": bool(git("status", "--porcelain", "--", "qpruner"))}
+
+
+def commit_results(path: Path, done: int, total: int) -> None:
+    """Commit only the results file (git commit --only semantics: others' staged changes stay staged); a failure
+    (another git process holds the index lock) is printed and retried at the next commit point."""
+    from benchmarks.common import ROOT
+
+    message = (f"SmolLM2 grouped table: {done}/{total} configurations measured; committed by the running table "
+               f"process so that a lost machine loses only the configurations since")
+    add = subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, capture_output=True, text=True)
+    run = add if add.returncode else subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=ROOT,
+                                                    capture_output=True, text=True)
+    print(f"[grouped] commit {'done' if run.returncode == 0 else 'failed: ' + (run.stderr or run.stdout).strip()[:200]}", flush=True)
+
+
+def grouped_pruned(study: Study) -> tuple[Path, str]:
+    """The pruned model the table was started on (its cache folder, whatever the pruning code's key is now),
+    else the Taylor 20% model of the current code. Exits if the table holds cells of a model no longer there."""
+    from qpruner.prune.store import is_complete
+
+    stored = study.cells.get("pruned")
+    if stored and is_complete(study.cache / "pruned" / stored["path"]):
+        return study.cache / "pruned" / stored["path"], stored["path"]
+    pruned = study.prune(ratio=0.2)
+    if stored and stored["path"] != pruned.key:
+        sys.exit(f"{study.cells.path} was measured on pruned model {stored['path']}, which is not in {study.cache / 'pruned'}, "
+                 f"and the current code prunes to {pruned.key}; restore that folder or move the file away to start afresh")
+    meta = json.loads((Path(pruned.path) / "qpruner_prune.json").read_text())
+    study.cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
+                                       "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds,
+                                       "prune_settings": meta.get("prune"), "mlp_widths": [
+                                           s["intermediate_size"] for s in json.loads((Path(pruned.path) / "config.json").read_text())["qpruner_layers"]]})
+    return Path(pruned.path), pruned.key
+
+
+def grouped(args, cache: Path) -> None:
+    """Every configuration of 5 groups x {4, 8} bits on the Taylor 20% model, one cell each (see the module docstring)."""
+    import gc
+
+    study = Study(GROUPED, args, cache, header={
+        "groups": {"count": GROUPS, "bits": list(GROUP_BITS), "layout": "consecutive decoder layers, equal sizes"}})
+    cells = study.cells
+    path, key = grouped_pruned(study)
+    n = pruned_layer_count(path)
+    order = group_order()
+    names = ["-".join(map(str, g)) for g in order]
+    print(f"[grouped] {sum(cells.get(k) is not None for k in names)}/{len(order)} configurations already in {cells.path}; "
+          f"pruned model {key}, {n} layers, compute dtype {args.dtype}, {args.threads} thread(s)", flush=True)
+    uncommitted = 0
+    for i, (g, name) in enumerate(zip(order, names)):
+        if cells.get(name) is not None:
+            continue
+        bits = expand_groups(g, n)
+
+        def one():
+            reused = measured_elsewhere(study, TABLE1_20, name, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=key) \
+                if set(g) == {4} else None
+            if reused and reused.get("history"):  # identical settings, dtype and model, and the reports ASHA needs
+                return reused
+            history, started = [], time.time()
+
+            def report(m: dict) -> None:
+                history.append({**{k: m.get(k) for k in ("step", "train_loss", "val_logprob", "val_acc", "memory_gb", "memory_bytes")},
+                                "seconds": round(time.time() - started, 1)})
+
+            return {"group_bits": list(g), **study.trial(str(path), bits, report=report), "history": history, "code": code_version()}
+
+        row = cells.run(name, one)
+        done = sum(cells.get(k) is not None for k in names)
+        print(f"[grouped] {done}/{len(order)} done; #{i + 1} {name}: ppl {row['wikitext2_ppl']:.1f}, mean {row['mean']:.3f} "
+              f"± {row['mean_stderr']:.3f}, weights {row['weight_bytes'] / 2**20:.0f} MiB, {row.get('cell_seconds', 0):.0f} s "
+              f"({time.strftime('%H:%M')})", flush=True)
+        uncommitted += 1
+        if args.commit_every and (uncommitted >= args.commit_every or done == len(order)):
+            commit_results(cells.path, done, len(order))
+            uncommitted = 0
+        gc.collect()
+    cells.save(wanted=names)
+    if args.commit_every and uncommitted:
+        commit_results(cells.path, sum(cells.get(k) is not None for k in names), len(order))
+
+
+def recipe_dtype() -> str:
+    """quant.compute_dtype of tune_configs/smollm2_prune20.yaml: what the SmolLM2 recipe and the studies use."""
+    import yaml
+
+    from benchmarks.common import ROOT
+
+    return yaml.safe_load((ROOT / "tune_configs" / "smollm2_prune20.yaml").read_text())["quant"].get("compute_dtype", "float32")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["table1", "ablations", "pruners", "pricing"])
+    parser.add_argument("part", choices=["table1", "ablations", "pruners", "pricing", "grouped"])
     parser.add_argument("--ratio", type=float, default=0.2, help="table1: pruning ratio of all parameters")
     parser.add_argument("--limit", type=int, default=100, help="scored documents per task (the first ones)")
     parser.add_argument("--val-docs", type=int, default=16, help="quick-validation documents per task (the last ones)")
     parser.add_argument("--steps", type=int, default=20, help="LoRA steps of 8 Alpaca records")
-    parser.add_argument("--report-every", type=int, default=10)
+    parser.add_argument("--report-every", type=int, default=None, help="steps between validations (default 10; grouped: 5, "
+                        "the recipe's, so that a replay's ASHA has rungs at 5, 10 and 15)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="quant.compute_dtype (default: tune_configs/smollm2_prune20.yaml's)")
+    parser.add_argument("--commit-every", type=int, default=0, help="grouped: git-commit the results file after every N new configurations")
     parser.add_argument("--chunks", type=int, default=40, help="WikiText-2 windows of 512 tokens")
     parser.add_argument("--trials", type=int, default=6, help="table1: trials of the search (0 = no QPruner-3 rows)")
     parser.add_argument("--search-limit", type=int, default=50,
@@ -317,6 +471,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and CPUs of each search trial)")
     parser.add_argument("--cache", default=None, help="qpruner cache (default ~/.cache/qpruner)")
     args = parser.parse_args()
+    args.report_every = args.report_every or (5 if args.part == "grouped" else 10)
+    args.dtype = args.dtype or recipe_dtype()
     import torch
 
     from qpruner.config import default_cache_dir
@@ -324,7 +480,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cache = Path(args.cache) if args.cache else default_cache_dir()
-    {"table1": table1, "ablations": ablations, "pruners": pruners, "pricing": pricing}[args.part](args, cache)
+    {"table1": table1, "ablations": ablations, "pruners": pruners, "pricing": pricing, "grouped": grouped}[args.part](args, cache)
 
 
 if __name__ == "__main__":
