@@ -110,19 +110,22 @@ def preflight(cfg: Config) -> TaskPlan:
     Offline (the CLI default) an unreachable input is one line naming the field within seconds, not a
     failure minutes into a search. Returns the resolved tasks."""
     from qpruner.data import calibration_texts
-    from qpruner.evaluate import check_hub_data, load_tasks, validated_tasks
+    from qpruner.evaluate import check_eval_inputs, check_hub_data, load_tasks, resolve_tasks, validated_tasks, \
+        validation_tasks
     from qpruner.finetune import load_alpaca
     from qpruner.model import check_model
 
-    tasks = plan_tasks(cfg)
-    check_hub_data(tasks.names + [n for n in tasks.val_names if n not in tasks.names], tasks.include_paths)
+    check_eval_inputs(cfg)
+    names, paths = resolve_tasks(cfg.eval, cfg.output.cache)
+    val_names, _ = validation_tasks(cfg)
+    check_hub_data(names + [n for n in val_names if n not in names], paths)  # the usual offline failure, in ~1 s
     check_model(cfg.model.name, cfg.output.cache, cfg.model.trust_remote_code, cfg.model.allow_pickle)
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
-    load_tasks(tuple(tasks.names), tuple(tasks.include_paths))
+    load_tasks(tuple(names), tuple(paths))
     validated_tasks(cfg)
-    return tasks
+    return plan_tasks(cfg)
 
 
 def plan_tasks(cfg: Config) -> TaskPlan:
