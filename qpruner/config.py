@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class ModelConfig:
             if not local.is_file():
                 raise ConfigError(f"{path}.name", f"GGUF file {self.name!r} does not exist; give the path of a .gguf file")
             return
-        looks_local = self.name.startswith((".", "/", "~")) or local.exists()
+        # a hub id is "org/name": a name with more parts is a folder
+        looks_local = self.name.startswith((".", "/", "~")) or self.name.count("/") > 1 or local.exists()
         if looks_local and not self.name.startswith(BUILTIN_PREFIX):
             if not local.is_dir():
                 raise ConfigError(f"{path}.name", f"model folder {self.name!r} does not exist; give a hub id, a folder or 'builtin:tiny'")
@@ -403,10 +405,9 @@ def default_cache_dir() -> Path:
 def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
     """Read a YAML recipe, apply dotted `overrides` ({"prune.ratio": 0.3}), validate, return a Config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"file {str(path)!r} not found; pass a YAML file such as tune_configs/tiny.yaml")
+    text = read_text_file(path, "--config", "a YAML file such as tune_configs/tiny.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -417,6 +418,32 @@ def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) ->
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return config_from_dict(raw)
+
+
+def read_text_file(path: Path, what: str, expected: str) -> str:
+    """The UTF-8 text of a file the user named (`what`: the flag or field), or a ConfigError saying why it
+    cannot be read as text: missing, a folder, a path too long, unreadable, binary, gzip, not UTF-8."""
+    from qpruner.errors import check_path
+
+    check_path(path, what)
+    if path.is_dir():
+        raise ConfigError(what, f"{str(path)!r} is a folder, not a file; pass {expected}")
+    if not path.is_file():
+        raise ConfigError(what, f"file {str(path)!r} not found; pass {expected}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(what, f"cannot read {str(path)!r} ({exc.strerror or exc}); pass {expected}") from None
+    if data[:2] == b"\x1f\x8b":
+        raise ConfigError(what, f"{str(path)!r} is a gzip file; decompress it (gunzip) and pass the YAML text")
+    if b"\x00" in data[:8192]:
+        raise ConfigError(what, f"{str(path)!r} is a binary file, not text; pass {expected}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(what, f"{str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); "
+                          "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -456,6 +483,9 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number written as text
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -492,6 +522,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads 3e-4 (no dot in the mantissa) as text
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
         return float(value)

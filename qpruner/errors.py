@@ -34,3 +34,60 @@ def ray_get(refs, **kwargs):
         if isinstance(cause, QPrunerError):
             raise cause from None
         raise
+
+
+def check_path(path, what: str) -> None:
+    """Refuse, in one line naming `what` (a flag or field), a path the filesystem cannot hold: a name longer
+    than the filesystem's limit, a path longer than PATH_MAX, or one below an existing file."""
+    import errno
+    import os
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    text = str(path)
+    existing = next((p for p in [path, *path.parents] if _exists(p)), Path("."))
+    try:
+        name_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+        path_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise QPrunerError(f"{what}: the name {long[:40]!r}... is {len(os.fsencode(long))} bytes, longer than the "
+                           f"filesystem allows ({name_max}); give a shorter path")
+    if len(os.fsencode(text)) >= path_max:
+        raise QPrunerError(f"{what}: the path is {len(os.fsencode(text))} bytes, longer than the filesystem allows "
+                           f"({path_max}); give a shorter path")
+    for parent in path.parents:
+        if _exists(parent) and not parent.is_dir():
+            raise QPrunerError(f"{what}: {str(parent)!r} is a file, so {text!r} cannot be made below it; "
+                               "give another path")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise QPrunerError(f"{what}: cannot use {text!r} ({exc.strerror or exc}); give another path") from None
+
+
+def check_out_path(path, what: str = "--out", kind: str = "folder") -> None:
+    """An output path (`kind` 'folder' or 'file') the command can write: check_path, and not an existing
+    file where a folder is written (or a folder where a file is)."""
+    from pathlib import Path
+
+    check_path(path, what)
+    path = Path(path).expanduser()
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise QPrunerError(f"{what}: {str(path)!r} is an existing file, and a folder is written here; "
+                           "give a folder path (or remove the file)")
+    if kind == "file" and path.is_dir():
+        raise QPrunerError(f"{what}: {str(path)!r} is an existing folder, and one file is written here; "
+                           "give a file path such as model.gguf")
+
+
+def _exists(path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
