@@ -188,14 +188,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ranks", default=None, help="optional LoRA rank per layer, e.g. 8,8,16,4")
     parser.add_argument("--adapter-out", default=None, help="folder to save the trained adapter in")
     args = parser.parse_args(argv)
+    if args.adapter_out is not None:
+        from qpruner.errors import check_out_path
+
+        check_out_path(args.adapter_out, "--adapter-out")
     cfg = resolve_config(load_cli_config(args))
     tasks = preflight(cfg)
     pruned = prune_cached(cfg)
     from qpruner.prune import pruned_layer_count
+    from qpruner.quantize import check_lora_fits, parse_ranks
 
     n_layers = pruned_layer_count(pruned.path)
     bits = parse_bits(args.bits, n_layers, cfg.quant.bits)
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+    ranks = parse_ranks(args.ranks, n_layers) if args.ranks else None
+    check_lora_fits(cfg, json.loads((Path(pruned.path) / "config.json").read_text()), ranks)
     result = run_trial(cfg, pruned.path, bits, ranks=ranks, adapter_dir=args.adapter_out, progress=True, tasks=tasks)
     print(json.dumps(result))
     return 0
