@@ -59,6 +59,13 @@ def check_model(name: str, cache_dir: Optional[Path] = None, trust_remote_code: 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
+        if not local.exists():  # a relative folder that is not there reads as a hub id: say both
+            raise ConfigError(
+                "model.name",
+                f"{name!r} is no folder here (relative to {os.getcwd()}), and as a hub id it cannot be loaded "
+                f"({first_line(exc, 120)}); give an existing model folder, a .gguf file, 'builtin:tiny', or a hub id "
+                "reachable from this machine (offline: download it first)",
+            ) from None
         raise ConfigError(
             "model.name",
             f"cannot load {name!r} ({first_line(exc, 160)}); give a local folder, a .gguf file, 'builtin:tiny', "

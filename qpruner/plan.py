@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from qpruner.config import Config, check_local_paths, config_from_dict
+from qpruner.config import Config, ConfigError, check_local_paths, config_from_dict
 from qpruner.errors import QPrunerError
 
 # Environment the workers must share with the driver (read by Hugging Face libraries and by qpruner).
@@ -123,9 +123,24 @@ def preflight(cfg: Config) -> TaskPlan:
     load_alpaca(cfg.finetune.data, cfg.output.cache)
     if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
-    load_tasks(tuple(names), tuple(paths))
+    try:
+        load_tasks(tuple(names), tuple(paths))
+    except ConfigError as exc:
+        raise local_data_error(cfg, exc) from None
     validated_tasks(cfg)
     return plan_tasks(cfg)
+
+
+def local_data_error(cfg: Config, exc: ConfigError) -> ConfigError:
+    """A task that does not load from its eval.local_data file: the file's rows do not fit the task (a column
+    its prompt reads is missing), so name the file's field, not eval.tasks."""
+    local = cfg.eval.local_data
+    if exc.field != "eval.tasks" or not local:
+        return exc
+    task = next((t for t in local if t in exc.reason), next(iter(local)))
+    detail = exc.reason.split(" (", 1)[-1].split("); ", 1)[0] if " (" in exc.reason else exc.reason
+    return ConfigError(f"eval.local_data.{task}", f"task {task!r} cannot read {local[task]!r} ({detail}); its rows need "
+                       f"the columns of the split lm-eval's {task} evaluates (docs/tasks.md lists them)")
 
 
 def plan_tasks(cfg: Config) -> TaskPlan:
