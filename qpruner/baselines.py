@@ -8,7 +8,6 @@ a rerun (or `--resume`) only measures what is missing.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +19,10 @@ LABELS = {"unpruned": "unpruned, no fine-tuning", "uniform-16": "uniform-16 LoRA
 
 def load(run: Path) -> dict[str, dict]:
     """{baseline name: row} already measured in this run (empty if none)."""
+    from qpruner.runfolder import read_json
+
     path = Path(run) / FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def row(name: str, bits: list[int], accuracy: float, scores: dict, memory_bytes, weight_bytes: int) -> dict:

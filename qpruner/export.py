@@ -26,13 +26,23 @@ from qpruner.errors import QPrunerError
 
 def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = None) -> dict:
     """The results row of `trial`, the most accurate completed trial, or the most accurate under a memory cap."""
-    if not (run / "results.parquet").is_file():
-        raise QPrunerError(f"--run {run}: no results.parquet; give the --out folder of a qpruner.tune run")
-    rows = [r for r in pq.read_table(run / "results.parquet").to_pylist() if r["status"] == "completed"]
+    from qpruner.runfolder import read_results
+
+    if trial and pick:
+        raise QPrunerError(f"--trial {trial} and --pick {pick}: give one of them, not both")
+    every = read_results(run).to_pylist()
+    rows = [r for r in every if r["status"] == "completed"]
     if trial:
         match = [r for r in rows if r["trial_id"] == trial]
         if not match:
-            raise QPrunerError(f"--trial {trial}: no completed trial with that id in {run / 'results.parquet'}")
+            other = [r for r in every if r["trial_id"] == trial]
+            if other:
+                why = {"stopped_early": "was stopped early by ASHA, so it has no final evaluation",
+                       "failed": f"failed ({(other[0].get('error') or 'unknown error').splitlines()[-1][:120]})"}
+                raise QPrunerError(f"--trial {trial}: that trial {why.get(other[0]['status'], 'is ' + other[0]['status'])}; "
+                                   "export a completed trial (report.md lists them), or --pick best-acc")
+            raise QPrunerError(f"--trial {trial}: no trial with that id in {run / 'results.parquet'}; report.md lists "
+                               "the completed trials")
         return match[0]
     if pick == "best-acc":
         candidates = rows
@@ -56,17 +66,55 @@ def find_adapter(run: Path, trial_id: str) -> Path:
     adapter = adapter_path(run, trial_id)
     if (adapter / "adapter_config.json").is_file():
         return adapter
+    keep = _keep_adapters(run)
+    if keep == "all" or (keep == "pareto" and trial_id in _front_ids(run)):
+        raise QPrunerError(
+            f"trial {trial_id}: its adapter is missing from {adapter} although output.keep_adapters ({keep}) keeps it; "
+            "the trial's node wrote it there when the trial finished, so that node did not share the run folder (or it "
+            "was removed): put --out on storage every node mounts at the same path (README: Run on a GPU cluster) and "
+            "run that configuration again"
+        )
     raise QPrunerError(
         f"trial {trial_id} has no adapter in {adapter.parent}: output.keep_adapters keeps only the Pareto front by "
         "default (export a front trial, or rerun with output.keep_adapters: all), and 'none' keeps no adapter"
     )
 
 
+def _keep_adapters(run: Path) -> Optional[str]:
+    try:
+        import yaml
+
+        return (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("output", {}).get("keep_adapters", "pareto")
+    except Exception:  # an unreadable config.yaml: export refuses on it in one line later
+        return None
+
+
+def _front_ids(run: Path) -> set:
+    try:
+        return set(pq.read_table(run / "pareto.parquet", columns=["trial_id"]).column("trial_id").to_pylist())
+    except Exception:  # no or a damaged front file: only the message's wording depends on it
+        return set()
+
+
+def pruned_path(run: Path) -> Path:
+    """The pruned model the run trained on (run.json), or one line saying why it cannot be used."""
+    from qpruner.runfolder import read_json
+
+    pruned = read_json(run / "run.json").get("pruned_path") if (run / "run.json").is_file() else None
+    if not pruned:
+        raise QPrunerError(f"--run {run}: run.json records no pruned model (the run stopped before pruning finished); "
+                           "rerun the tune command to finish the run")
+    if not (Path(pruned) / "config.json").is_file():
+        raise QPrunerError(f"--run {run}: the pruned model {pruned} is gone from the cache; rerun `python -m "
+                           f"qpruner.prune --config {run / 'config.yaml'}` to rebuild it (same settings, same folder)")
+    return Path(pruned)
+
+
 def run_inputs(run: Path):
     """The run's Config and its pruned model's folder, as recorded in the run folder."""
     from qpruner.config import load_config
 
-    return load_config(run / "config.yaml"), Path(json.loads((run / "run.json").read_text())["pruned_path"])
+    return load_config(run / "config.yaml"), pruned_path(run)
 
 
 def export(run: Path, row: dict, out: Path, merge: bool = False) -> Path:
@@ -169,8 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer-pre", default=None, help="gguf: llama.cpp pre-tokenizer name, when it cannot be recognised")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    run = Path(args.run)
+    from qpruner.errors import check_out_path
+    from qpruner.report import check_run_dir
+
+    if args.trial and args.pick:
+        raise QPrunerError(f"--trial {args.trial} and --pick {args.pick}: give one of them, not both")
+    run = check_run_dir(args.run, "--run")
+    check_out_path(args.out, "--out", "file" if args.format == "gguf" else "folder")
     row = pick_trial(run, args.trial, args.pick)
+    pruned_path(run)  # run.json readable and its pruned model present, before anything is written
     if args.format == "gguf":
         from qpruner.gguf_export import DEFAULT_EMBEDDINGS, describe
 

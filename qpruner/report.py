@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qpruner.baselines import load as load_baselines
 from qpruner.errors import QPrunerError
@@ -24,17 +23,26 @@ BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps 
 BIT_NAMES = {4: "4-bit NF4/FP4", 8: "8-bit LLM.int8", 16: "16-bit (not quantized)"}
 
 
+def check_run_dir(run_dir: str | Path, what: str = "run folder") -> Path:
+    """A path that is a run folder, or one line saying what it is instead."""
+    from qpruner.errors import check_path
+
+    run = Path(run_dir)
+    check_path(run, what)
+    if run.is_file():
+        raise QPrunerError(f"{what} {run} is a file; give the output folder (--out) of a qpruner.tune run, which "
+                           "holds results.parquet")
+    if not run.is_dir():
+        raise QPrunerError(f"{what} {run} does not exist; give the output folder of a qpruner.tune run")
+    return run
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md + pareto.png, hypervolume.png and bits_heatmap.png from RUN_DIR/results.parquet."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise QPrunerError(f"run folder {run} does not exist; give the output folder of a qpruner.tune run")
-    if not (run / "results.parquet").is_file():
-        raise QPrunerError(f"{run} has no results.parquet; give the output folder of a qpruner.tune run")
-    try:
-        results = pq.read_table(run / "results.parquet")
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise QPrunerError(f"{run / 'results.parquet'} is not a readable Parquet file ({exc})") from exc
+    from qpruner.runfolder import read_results
+
+    run = check_run_dir(run_dir)
+    results = read_results(run)
     front = front_table(results)
     ref = reference_point(results)
     curve = hypervolume_curve(results, ref)
@@ -62,8 +70,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 def model_source(run: Path) -> Optional[dict]:
     """Where the run's source model came from when it was converted (a GGUF file), from the pruned model's metadata."""
+    from qpruner.runfolder import read_json
+
     marker = run / "run.json"
-    pruned = json.loads(marker.read_text()).get("pruned_path") if marker.is_file() else None
+    pruned = read_json(marker).get("pruned_path") if marker.is_file() else None
     meta = Path(pruned) / "qpruner_prune.json" if pruned else None
     return json.loads(meta.read_text()).get("model_source") if meta and meta.is_file() else None
 
@@ -342,8 +352,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m qpruner.report", description="Write report.md and plots for a run.")
     parser.add_argument("run_dir", help="output folder of a qpruner.tune run (holds results.parquet)")
+    parser.add_argument("--repair", action="store_true",
+                        help="first repair a damaged run folder: results.parquet rebuilt from Tune's experiment state, "
+                             "run.json from config.yaml, a damaged baselines.json set aside (originals kept as *.damaged)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
+    if args.repair:
+        from qpruner.runfolder import RunLock, damage, repair
+
+        run = check_run_dir(args.run_dir)
+        with RunLock(run, "run folder") as lock:  # not while a driver writes it
+            lock.commit()
+            lines = repair(run) if damage(run) or not (run / "results.parquet").is_file() else []
+        for line in lines or ["nothing to repair"]:
+            print(f"[qpruner] {line}")
     print(write_report(args.run_dir))
     return 0
 

@@ -200,7 +200,10 @@ def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
     import pyarrow.parquet as pq
 
     path = out / "results.parquet"
-    rows = [r for r in pq.read_table(path).to_pylist() if r["trial_id"] == trial_id] if path.is_file() else []
+    try:
+        rows = [r for r in pq.read_table(path).to_pylist() if r["trial_id"] == trial_id] if path.is_file() else []
+    except (OSError, pa.ArrowException, ValueError):  # damaged: the driver repairs it; train the trial again
+        rows = []
     if not rows or rows[0]["status"] not in ("completed", "stopped_early"):
         return None
     row = rows[0]

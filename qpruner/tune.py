@@ -23,11 +23,13 @@ from ray.tune import Callback
 from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
 from qpruner.plan import RunPlan, check_storage, make_plan
-from qpruner.results import ADAPTERS, adapter_path, record_from_trial, recorded_result, write_json_atomic
+from qpruner.results import ADAPTERS, adapter_path, record_from_trial, recorded_result, write_atomic, write_json_atomic
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
-VALIDATION_RECORD = "validation.json"  # where each task's quick validation reads (the report says so)
+VALIDATION_RECORD = "validation.json"
+# results.parquet's error of a trial the run's end stopped before it finished: a failure, which a resume retries
+INTERRUPTED = "interrupted before it finished (Ctrl-C or a signal stopped the run); --resume runs it again"  # where each task's quick validation reads (the report says so)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,20 +74,43 @@ class ResultsWriter(Callback):
         self.out_dir = Path(out_dir)
         self.num_samples = num_samples
         self.n_layers = n_layers  # a grouped search's configs hold one bit-width per group
+        self.setup()
+
+    def setup(self, **info):
+        # Trials started in this session, and those that ended through Tune's callbacks (finished, stopped by
+        # ASHA, or failed). One started but never ended was stopped by the experiment's end: interrupted.
+        self.started: set[str] = set()
+        self.ended: set[str] = set()
 
     def write(self, trials, plot: bool = False, just_ended=None, status: Optional[str] = None) -> list[dict]:
         from qpruner.pareto import write_results
 
-        records = [record_from_trial(t, status if t is just_ended else None, self.n_layers) for t in trials
-                   if t is just_ended or t.status in ("TERMINATED", "ERROR")]
+        records = []
+        for t in trials:
+            if t is just_ended or t.status in ("TERMINATED", "ERROR"):
+                record = record_from_trial(t, status if t is just_ended else None, self.n_layers)
+                if t is not just_ended and self.interrupted(t, record):
+                    record.update(status="failed", accuracy=None, error=INTERRUPTED)
+                records.append(record)
         if records:
             write_results(records, self.out_dir, plot=plot)
         return records
 
+    def interrupted(self, trial, record: dict) -> bool:
+        """Stopped by the end of the experiment (Ctrl-C, a signal), not by ASHA or its own end: Tune marks it
+        TERMINATED without calling on_trial_complete, and its last report is not the final one."""
+        return (trial.trial_id in self.started and trial.trial_id not in self.ended and record["status"] != "completed"
+                and record["status"] != "failed")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.add(trial.trial_id)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         self._progress(self.write(trials, just_ended=trial, status="TERMINATED"), trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         self._progress(self.write(trials, just_ended=trial, status="ERROR"), trials, trial)
 
     def on_experiment_end(self, trials, **info):
@@ -113,33 +138,94 @@ def run_key(cfg: Config) -> str:
 
 
 def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool:
-    """Check the output folder without writing; True when an earlier run there should be continued."""
-    marker = out / "run.json"
-    if marker.is_file():
+    """Check the output folder without writing; True when an earlier run there should be continued.
+
+    A folder of a run with other result-changing settings is refused naming the keys that differ, even with
+    --resume (continuing would mix trials trained two ways); damaged files are named, and --resume repairs
+    them (qpruner.runfolder.repair) once every check has passed."""
+    from qpruner.runfolder import RUN, damage, differing_keys, read_json, repair_hint, user_entries
+
+    marker = out / RUN
+    if marker.is_file() or (out / "config.yaml").is_file():
         if overwrite:
             return False
-        previous = json.loads(marker.read_text()).get("run_key")
-        if previous != run_key(cfg) and not resume:
+        damaged = damage(out)
+        if damaged and not resume:
             raise QPrunerError(
-                f"--out {out} holds a different run's results; pass --overwrite to replace them, "
-                "--resume to continue that run, or another --out"
+                f"--out {out}: {' and '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged; pass --resume to "
+                f"repair and continue the run, repair it alone "
+                f"with {repair_hint(out)}, or pass --overwrite to start again"
             )
+        recorded = read_json(marker) if marker.is_file() and RUN not in damaged else {}
+        if recorded.get("run_key") != run_key(cfg):
+            if isinstance(recorded.get("config"), dict):
+                refuse_changed(out, differing_keys(recorded["config"], cfg.to_dict()))
+            if not resume:
+                neutral = differing_keys(recorded["config"], cfg.to_dict(), neutral=True) \
+                    if isinstance(recorded.get("config"), dict) else []
+                if neutral:
+                    raise QPrunerError(f"--out {out} holds this run with other {', '.join(neutral[:4])}, which change no "
+                                       "result; pass --resume to continue it with them, or another --out")
+                raise QPrunerError(
+                    f"--out {out} holds a different run's results; pass --overwrite to replace them, "
+                    "--resume to continue that run, or another --out"
+                )
         from ray import tune
 
         return tune.Tuner.can_restore(str(out / EXPERIMENT))
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if user_entries(out) and not overwrite:
         raise QPrunerError(f"--out {out} is not empty and holds no qpruner run; pass --overwrite or another --out")
     return False
 
 
+def refuse_changed(out: Path, changed: list[str]) -> None:
+    """Refuse to continue a run whose result-changing settings differ from the recorded ones."""
+    if changed:
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise QPrunerError(
+            f"--out {out} holds a run with other settings: {', '.join(changed[:6])}{more} differ from config.yaml there; "
+            "continuing would mix trials trained two ways: restore those settings, pass --overwrite to replace the "
+            "run, or give another --out"
+        )
+
+
+def check_recorded_config(out: Path, plan: RunPlan) -> None:
+    """A run folder whose run.json records no config (an earlier version, or a repaired run.json): compare the
+    resolved config with its config.yaml instead."""
+    from qpruner.runfolder import RUN, read_json
+
+    try:
+        recorded = read_json(out / RUN) if (out / RUN).is_file() else {}
+    except QPrunerError:
+        recorded = {}
+    if isinstance(recorded.get("config"), dict) or not (out / "config.yaml").is_file():
+        return
+    from qpruner.runfolder import differing_keys
+
+    try:
+        previous = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return
+    if isinstance(previous, dict):
+        refuse_changed(out, differing_keys(previous, plan.config))
+
+
 def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> None:
-    """Start a fresh output folder: the run key of the user's recipe `cfg` (to recognise it later) and the
-    resolved config (local paths absolute: report and export read it)."""
+    """Start a fresh output folder: the run key and the user's recipe `cfg` (to recognise it later, and refuse a
+    --resume with other settings) and the resolved config (local paths absolute: report and export read it)."""
+    from qpruner.runfolder import LOCK
+
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        for entry in out.iterdir():  # the lock file stays: this driver holds it
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-    write_json_atomic({"run_key": run_key(cfg), "created": time.time()}, out / "run.json")
+    write_atomic(out / "config.yaml", lambda f: f.write(yaml.safe_dump(resolved.to_dict(), sort_keys=False)), mode="w")
+    write_json_atomic({"run_key": run_key(cfg), "created": time.time(), "config": cfg.to_dict()}, out / "run.json")
 
 
 def trial_resources(cfg: Config, can_grow: bool = True) -> dict[str, float]:
@@ -324,28 +410,52 @@ def start_ray(address: Optional[str], dashboard: bool, env: dict[str, str]) -> N
 
 def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = False, overwrite: bool = False,
         dashboard: bool = True) -> Path:
-    """The whole search; returns the output folder."""
+    """The whole search; returns the output folder. The driver holds --out's lock throughout; every refusal
+    before the first trial leaves --out as it was (qpruner.runfolder.RunLock)."""
+    from qpruner.errors import check_out_path
+    from qpruner.runfolder import RunLock
+
+    check_out_path(out, "--out")
+    out = Path(out).expanduser().resolve()
+    with RunLock(out) as lock:
+        return _run(cfg, out, lock, address, resume, overwrite, dashboard)
+
+
+def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, overwrite: bool, dashboard: bool) -> Path:
     from qpruner.prune import prune_with_ray
+    from qpruner.quantize import check_lora_fits
+    from qpruner.runfolder import damage, repair, set_aside_damaged
     from qpruner.search import bits_from_config, check_memory_budget, ranks_from_config
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # snapshot the (small) search state every second
-    out = out.resolve()
     restore = check_out_dir(out, cfg, resume, overwrite)
     plan = make_plan(cfg, out)  # resolved once, here: every task and trial gets this plan
+    if not overwrite:
+        check_recorded_config(out, plan)
     start_ray(address, dashboard, plan.env)
     plan = dataclasses.replace(plan, resources=trial_resources(plan.cfg, can_grow=address is not None))
     check_storage({"the run folder (--out)": out, "the cache": plan.cfg.output.cache})
-    if not restore:
-        init_out_dir(out, cfg, plan.cfg, overwrite)
-        write_json_atomic({"validation": plan.tasks.validation, "warnings": plan.tasks.warnings}, out / VALIDATION_RECORD)
     for line in plan.tasks.warnings:
         print(f"[qpruner] {line}", flush=True)
     started = time.time()
     pruned = prune_with_ray(plan.cfg, num_gpus=1.0 if plan.resources['gpu'] else 0)
     print(f"[qpruner] pruned model: {pruned.path} ({'cached' if pruned.cached else f'{pruned.seconds:.1f}s'})", flush=True)
     plan = plan.with_pruned(pruned.path)
-    check_memory_budget(plan.cfg, plan.pruned_config)  # before any trial
-    marker = json.loads((out / "run.json").read_text())
+    check_memory_budget(plan.cfg, plan.pruned_config)  # before any trial, before --out is written
+    check_lora_fits(plan.cfg, plan.pruned_config)
+    if restore:
+        if damage(out) or not (out / "results.parquet").is_file():
+            for line in repair(out, plan.n_layers):
+                print(f"[qpruner] repaired: {line}", flush=True)
+    elif not overwrite:
+        set_aside_damaged(out)  # a run killed before its search started, resumed: its files are written anew
+    lock.commit()
+    if not restore:
+        init_out_dir(out, cfg, plan.cfg, overwrite)
+        write_json_atomic({"validation": plan.tasks.validation, "warnings": plan.tasks.warnings}, out / VALIDATION_RECORD)
+    from qpruner.runfolder import read_json
+
+    marker = read_json(out / "run.json")
     write_json_atomic({**marker, "pruned_path": str(pruned.path)}, out / "run.json")
     points: list = []
     if not restore:
@@ -355,6 +465,7 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
             initial["initial_ranks"] = [ranks_from_config(p, plan.n_layers) for p in points]
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
     build_tuner(plan, points, restore).fit()
+    check_not_all_failed(out)
     if plan.cfg.search.baselines:
         from qpruner.baselines import run_baselines
 
@@ -362,6 +473,19 @@ def run(cfg: Config, out: Path, address: Optional[str] = None, resume: bool = Fa
     finish(out, plan.cfg)
     print(f"[qpruner] search took {time.time() - started:.1f}s", flush=True)
     return out
+
+
+def check_not_all_failed(out: Path) -> None:
+    """A search whose every trial failed for one reason (a configuration no trial can run) fails the run in
+    one line, instead of exiting 0 with an empty front."""
+    from qpruner.report import one_line
+    from qpruner.runfolder import read_results
+
+    rows = [r for r in read_results(out).to_pylist() if not str(r["trial_id"]).startswith("baseline:")]
+    errors = {one_line(r["error"]) for r in rows if r["status"] == "failed"}
+    if rows and all(r["status"] == "failed" for r in rows) and len(errors) == 1:
+        raise QPrunerError(f"every trial failed ({len(rows)} of {len(rows)}) with the same error: {errors.pop()}; "
+                           f"fix the configuration and rerun with --overwrite (trial logs: {out / EXPERIMENT})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -113,7 +113,7 @@ def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(main, [str(tmp_path)])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not a readable" in err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "is damaged" in err
 
 
 def test_cli_module(run_dir, tmp_path):
