@@ -39,7 +39,7 @@ def check_run_dir(run_dir: str | Path, what: str = "run folder") -> Path:
 
 def write_report(run_dir: str | Path) -> Path:
     """report.md + pareto.png, hypervolume.png and bits_heatmap.png from RUN_DIR/results.parquet."""
-    from qpruner.runfolder import read_results
+    from qpruner.runfolder import read_json, read_results
 
     run = check_run_dir(run_dir)
     results = read_results(run)
@@ -49,17 +49,18 @@ def write_report(run_dir: str | Path) -> Path:
     baselines = list(load_baselines(run).values())
     stars = {**uniform_baselines(results), **{b["label"]: (b["memory_bytes"], b["accuracy"]) for b in baselines
                                               if b["memory_bytes"] is not None}}
+    source = model_source(run)  # every input is read before anything is written
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
+    record = run / "searcher.json"  # written by qpruner.search.RecordedOptunaSearch
+    repeats = read_json(record).get("answered_from_record", 0) if record.is_file() else 0
+    plan = run / "validation.json"  # written by qpruner.tune at the start of the run
+    validation = read_json(plan) if plan.is_file() else None
+    if validation is not None and "validation" not in validation:  # a run of an earlier version: the plan alone
+        validation = {"validation": validation, "warnings": []}
     plot_front(results, front, run / "pareto.png", stars)
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
-    record = run / "searcher.json"  # written by qpruner.search.RecordedOptunaSearch
-    repeats = json.loads(record.read_text()).get("answered_from_record", 0) if record.is_file() else 0
-    plan = run / "validation.json"  # written by qpruner.tune at the start of the run
-    validation = json.loads(plan.read_text()) if plan.is_file() else None
-    if validation is not None and "validation" not in validation:  # a run of an earlier version: the plan alone
-        validation = {"validation": validation, "warnings": []}
-    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, model_source(run),
+    (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, source,
                                             validation))
     return run / "report.md"
 

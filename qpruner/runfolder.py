@@ -71,7 +71,7 @@ class RunLock:
             except OSError:
                 holder = _read_text(path) or "another process"
                 os.close(fd)
-                self._rollback()
+                self._rollback(holds_lock=False)
                 raise QPrunerError(f"{self.what} {self.out} is in use by another qpruner run ({holder}); wait for it "
                                    f"to finish, or give another {self.what}") from None
             try:
@@ -101,20 +101,23 @@ class RunLock:
             os.close(self.fd)  # releases the flock
             self.fd = None
 
-    def _rollback(self) -> None:
-        """Remove what this invocation created: the folders it made, else the entries that were not there."""
+    def _rollback(self, holds_lock: bool = True) -> None:
+        """Remove what this invocation created: the folders it made, else the entries that were not there (and
+        the lock file, unless another process holds it)."""
         if self.made:
             shutil.rmtree(self.made[0], ignore_errors=True)
             return
         if not self.out.is_dir():
             return
         for entry in self.out.iterdir():
-            if entry.name not in self.existing or entry.name == LOCK and LOCK not in self.existing:
+            if entry.name == LOCK and not holds_lock:
+                continue
+            if entry.name not in self.existing:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        if LOCK in self.existing:
+        if LOCK in self.existing and holds_lock:
             (self.out / LOCK).unlink(missing_ok=True)  # a killed driver's leftover: stale, not the run's
 
 
