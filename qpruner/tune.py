@@ -465,6 +465,7 @@ def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, ove
             initial["initial_ranks"] = [ranks_from_config(p, plan.n_layers) for p in points]
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
     build_tuner(plan, points, restore).fit()
+    check_interrupted(out)
     check_not_all_failed(out)
     if plan.cfg.search.baselines:
         from qpruner.baselines import run_baselines
@@ -473,6 +474,18 @@ def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, ove
     finish(out, plan.cfg)
     print(f"[qpruner] search took {time.time() - started:.1f}s", flush=True)
     return out
+
+
+def check_interrupted(out: Path) -> None:
+    """Tune ends fit() quietly on Ctrl-C; the run then stops too (exit 130), without baselines or report, and
+    says how to continue."""
+    from qpruner.runfolder import read_results
+
+    stopped = [r["trial_id"] for r in read_results(out).to_pylist() if r["error"] == INTERRUPTED]
+    if stopped:
+        print(f"[qpruner] interrupted: {len(stopped)} trial(s) stopped before they finished ({', '.join(stopped)}); "
+              "rerun with --resume to run them and finish the search", flush=True)
+        raise KeyboardInterrupt
 
 
 def check_not_all_failed(out: Path) -> None:

@@ -214,3 +214,55 @@ def test_a_trial_finished_before_a_kill_is_answered_from_its_row_not_trained_aga
                                 error_file=None)
         again = record_from_trial(trial)
         assert {k: again[k] for k in columns} == {k: original[k] for k in columns}
+
+
+def test_ctrl_c_fails_the_running_trial_a_resume_runs_it_and_a_second_driver_is_refused(tmp_path, tiny_assets, make_recipe):
+    """Issue 28: a trial stopped by Ctrl-C is recorded failed with its reason (not stopped_early, which a resume
+    would answer from the record and never train), the driver exits 130, --resume trains it; and while a driver
+    runs, a second one on the same --out is refused in one line (the run folder's lock)."""
+    cfg = make_recipe(num_samples=3, concurrency=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["finetune"].update(steps=10, report_every=5)
+    raw["eval"]["limit"] = 30
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    args = ["--config", str(cfg), "--out", str(out), "--no-dashboard"]
+    log = tmp_path / "first.log"
+    first = start(args, log)
+    deadline = time.time() + 400
+    while "started with configuration" not in log.read_text() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    time.sleep(2)  # into the trial
+    assert first.poll() is None, log.read_text()[-3000:]
+    line = one_line_error(run_cli(["qpruner.tune", *args]))
+    assert "in use by another qpruner run" in line and str(first.pid) in line
+
+    os.kill(first.pid, signal.SIGINT)
+    assert first.wait(timeout=300) == 130, log.read_text()[-3000:]
+    rows = finished_trials(out)
+    stopped = {i: r for i, r in rows.items() if r["error"] and "interrupted" in r["error"]}
+    assert stopped and all(r["status"] == "failed" for r in stopped.values()), rows
+    assert not (out / ".qpruner.lock").exists()
+
+    again = run_cli(["qpruner.tune", *args, "--resume"], timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = pq.read_table(out / "results.parquet").to_pylist()
+    assert len({r["trial_id"] for r in after}) == len(after)
+    for trial_id in stopped:  # trained this time: finished, with no error
+        row = next(r for r in after if r["trial_id"] == trial_id)
+        assert row["status"] in ("completed", "stopped_early") and row["error"] is None
+    for trial_id, row in rows.items():  # everything finished before Ctrl-C: once, same metrics
+        if trial_id not in stopped:
+            kept = next(r for r in after if r["trial_id"] == trial_id)
+            assert (kept["status"], kept["accuracy"], kept["memory_bytes"]) == (row["status"], row["accuracy"], row["memory_bytes"])
+
+
+@pytest.mark.parametrize("setting, field", [("search.max_memory_gb=0.0001", "search.max_memory_gb"),
+                                            ("prune.first_layer=10", "prune.first_layer")])
+def test_late_refusals_leave_no_out_folder(tmp_path, tiny_assets, make_recipe, setting, field):
+    """Refused after pruning (the model's shapes decide), before any trial: --out is not created, so the
+    corrected rerun is not refused as 'a different run'."""
+    out = tmp_path / "out"
+    line = one_line_error(run_cli(["qpruner.tune", "--config", str(make_recipe()), "--out", str(out), "--no-dashboard",
+                                   "--set", setting], timeout=300))
+    assert field in line and not out.exists()
