@@ -256,6 +256,21 @@ def test_ctrl_c_fails_the_running_trial_a_resume_runs_it_and_a_second_driver_is_
             kept = next(r for r in after if r["trial_id"] == trial_id)
             assert (kept["status"], kept["accuracy"], kept["memory_bytes"]) == (row["status"], row["accuracy"], row["memory_bytes"])
 
+    # A truncated results.parquet: refused in one line naming the repair, which rebuilds it from Tune's state.
+    data = (out / "results.parquet").read_bytes()
+    (out / "results.parquet").write_bytes(data[:300])
+    assert "results.parquet is damaged" in one_line_error(run_cli(["qpruner.report", str(out)]))
+    assert "--resume" in one_line_error(run_cli(["qpruner.tune", *args]))
+    changed = one_line_error(run_cli(["qpruner.tune", *args, "--resume", "--set", "finetune.steps=20", "--set", "lora.rank=4"]))
+    assert "finetune.steps, lora.rank" in changed
+    repaired = run_cli(["qpruner.report", str(out), "--repair"])
+    assert repaired.returncode == 0 and "rebuilt from Tune's experiment state" in repaired.stdout, repaired.stderr[-2000:]
+    rebuilt = {r["trial_id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert (out / "results.parquet.damaged").read_bytes() == data[:300]
+    for row in after:
+        for key in ("status", "accuracy", "val_acc", "bits", "memory_bytes", "steps"):
+            assert rebuilt[row["trial_id"]][key] == row[key], (row["trial_id"], key)
+
 
 @pytest.mark.parametrize("setting, field", [("search.max_memory_gb=0.0001", "search.max_memory_gb"),
                                             ("prune.first_layer=10", "prune.first_layer")])
