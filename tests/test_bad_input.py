@@ -541,3 +541,22 @@ def test_any_field_with_a_wrong_type_is_refused_in_one_line(wrong, tmp_path, cap
     line = refuse("tune", ["--config", str(work / "cfg.yaml"), "--out", str(work / "out"), "--no-dashboard"], capsys)
     assert field in line, (field, value, line)
     assert snapshot(work) == before
+
+
+def test_a_search_whose_every_trial_failed_alike_fails_in_one_line(tmp_path):
+    """tune exits 2 naming the error when every trial failed with it, not 0 with an empty front."""
+    from qpruner.errors import QPrunerError
+    from qpruner.pareto import write_results
+    from qpruner.tune import check_not_all_failed
+
+    def row(trial_id, status, error):
+        return {"trial_id": trial_id, "status": status, "bits": [4, 8], "error": error, "started_at": 1.0,
+                "config": {"b0": 4, "b1": 8}}
+
+    error = "Traceback ...\nValueError: Target modules {'qproj'} not found in the base model."
+    write_results([row("a", "failed", error), row("b", "failed", error)], tmp_path, plot=False)
+    with pytest.raises(QPrunerError, match=r"every trial failed \(2 of 2\) .*Target modules") as info:
+        check_not_all_failed(tmp_path)
+    assert "\n" not in str(info.value)
+    write_results([row("c", "failed", "RuntimeError: loss is NaN")], tmp_path, plot=False)
+    check_not_all_failed(tmp_path)  # different reasons: the trials failed, the configuration did not
