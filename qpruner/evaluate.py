@@ -859,6 +859,7 @@ def evaluate_model(
     return {"tasks": top, "subtasks": subtasks,
             "groups": {name: leaves_of(loaded, name) for name in top if name in loaded.get("groups", {})},
             "mean_acc": mean_acc(top, ecfg.metric) if accs else None,
+            "mean_acc_stderr": mean_acc_stderr(top, ecfg.metric) if accs else None,
             "task_ppl": {name: ppl for name, s in top.items() if (ppl := perplexity_of(s)) is not None},
             "seconds": time.perf_counter() - started}
 
@@ -871,10 +872,12 @@ def eval_record(ev: dict) -> dict:
     - task_ppl: {eval task: word perplexity (lm-eval's `perplexity` where a task has no word perplexity)};
     - subtask_acc / subtask_acc_norm: {subgroup or subtask of a group in eval.tasks: acc / acc_norm};
     - task_docs: {eval task: documents scored} (a group: summed over its subtasks), after held-out
-      validation documents and eval.limit.
+      validation documents and eval.limit;
+    - accuracy_stderr: the standard error of the accuracy objective (`mean_acc_stderr`).
     """
     top, subs = ev["tasks"], ev.get("subtasks", {})
     return {
+        "accuracy_stderr": ev.get("mean_acc_stderr"),
         "task_acc": {t: s["acc"] for t, s in top.items() if s.get("acc") is not None},
         "task_acc_norm": {t: s.get("acc_norm") for t, s in top.items() if s.get("acc") is not None},
         "task_ppl": dict(ev.get("task_ppl") or {}),
@@ -1016,6 +1019,23 @@ def mean_acc(scores: dict[str, dict[str, Optional[float]]], metric: str = "acc")
         raise ConfigError("eval.tasks", f"no task reports an 'acc' metric ({', '.join(scores)}); the search needs "
                           f"multiple-choice tasks such as {', '.join(STANDARD_TASKS)}")
     return sum(picked) / len(picked)
+
+
+def mean_acc_stderr(scores: dict[str, dict[str, Optional[float]]], metric: str = "acc") -> Optional[float]:
+    """The standard error of `mean_acc`: each task's accuracy is a mean of 0/1 document scores, whose standard
+    error lm-eval gives as sqrt(p (1 - p) / (n - 1)) (its `mean_stderr`: sample deviation over sqrt(n)); the
+    tasks' documents are independent, so the unweighted mean over T tasks has sqrt(sum se_t^2) / T. A group's
+    accuracy is taken as a mean over all its documents (exact for lm-eval's size-weighted aggregate). None
+    when a task's document count is unknown or below 2."""
+    parts = []
+    for task, s in scores.items():
+        if s.get("acc") is None:
+            continue
+        p, n = s[task_metric(task, metric, s)], s.get("n_docs")
+        if not n or n < 2:
+            return None
+        parts.append(p * (1 - p) / (n - 1))
+    return (sum(parts) ** 0.5) / len(parts) if parts else None
 
 
 def _metric(metrics: dict, name: str) -> Optional[float]:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qpruner.results import (
-    GB, column_label, merge_previous, metric_columns, reference_rule, results_table, with_reference,
+    GB, accuracy_text, merge_previous, reference_rule, results_table, with_reference,
     write_parquet_atomic,
 )
 
@@ -170,19 +170,18 @@ def compact_bits(bits: Sequence[int]) -> str:
 
 
 def print_front(front: pa.Table, console=None) -> None:
-    """The front as a rich table in the terminal: bits per layer, accuracy (mean and per task), memory."""
+    """The front in the terminal, readable at 80 columns and in a log file: trial, bits per layer (folded onto
+    more lines when long, never cut), accuracy ± standard error, memory. Per-task scores are in report.md."""
     from rich.console import Console
     from rich.table import Table
 
-    tasks = metric_columns(front.column_names)
-    table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)")
+    table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)", title_justify="left")
     table.add_column("trial", no_wrap=True)
-    table.add_column("bits per layer", no_wrap=True)
-    for col in ["accuracy", *[column_label(t) for t in tasks], "memory GB"]:
-        table.add_column(col, justify="right")
+    table.add_column("bits per layer", overflow="fold")
+    table.add_column("accuracy ± se", justify="right", no_wrap=True)
+    table.add_column("memory GB", justify="right", no_wrap=True)
     for r in front.to_pylist():
-        table.add_row(r["trial_id"], compact_bits(r["bits"]), f"{r['accuracy']:.3f}",
-                      *[f"{r[t]:.3f}" if r[t] is not None else "-" for t in tasks], f"{r['memory_gb']:.4f}")
+        table.add_row(r["trial_id"], compact_bits(r["bits"]), accuracy_text(r), f"{r['memory_gb']:.4f}")
     (console or Console()).print(table)
 
 
@@ -206,10 +205,33 @@ def memory_label(results: pa.Table) -> str:
     return "peak fine-tuning memory (GB; measured where available, else estimated)"
 
 
+MIN_ACCURACY_SPAN = 0.10  # the accuracy axis spans at least 10 points ...
+MIN_MEMORY_SPAN = 0.25  # ... and the memory axis at least a quarter of the largest memory, so that a
+# 0.006 accuracy gap or a 1.6% memory spread looks as small as it is
+
+
+def honest_range(lo: float, hi: float, min_span: float, floor: Optional[float] = None,
+                 ceil: Optional[float] = None) -> tuple[float, float]:
+    """Axis limits around [lo, hi] with 8% padding, widened about the middle to at least `min_span` (shifted to
+    stay within [floor, ceil])."""
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    if floor is not None and lo < floor:
+        lo, hi = floor, hi + (floor - lo)
+    if ceil is not None and hi > ceil:
+        lo, hi = lo - (hi - ceil), ceil
+        lo = lo if floor is None else max(lo, floor)
+    return lo, hi
+
+
 def plot_front(results: pa.Table, front: pa.Table, path: Path,
                baselines: Optional[dict[str, tuple[int, float]]] = None) -> None:
-    """Accuracy vs memory: completed trials grey, stopped-early ones as ticks on the memory axis (they
-    have no final accuracy), failed ones omitted, the front as a red step line, baselines as stars."""
+    """Accuracy vs memory: completed trials grey with their 95% intervals, stopped-early ones as ticks on the
+    memory axis (they have no final accuracy), failed ones omitted, the front as a red step line, baselines
+    as stars. The axes span at least MIN_ACCURACY_SPAN and MIN_MEMORY_SPAN, so noise does not fill the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,6 +245,10 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
     early = [r["memory_gb"] for r in rows if r["status"] == "stopped_early" and r["memory_gb"] is not None]
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=130)
     ax.scatter(done["memory_gb"].to_pylist(), done["accuracy"].to_pylist(), c="0.6", s=28, label="completed trials")
+    se = [v if v is not None else 0.0 for v in done["accuracy_stderr"].to_pylist()] if "accuracy_stderr" in done.column_names else []
+    if any(se):
+        ax.errorbar(done["memory_gb"].to_pylist(), done["accuracy"].to_pylist(), yerr=[1.96 * v for v in se], fmt="none",
+                    ecolor="0.7", elinewidth=1, capsize=2, zorder=1, label="95% interval (±1.96 standard errors)")
     if early:
         rug = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         ax.scatter(early, [0.03] * len(early), transform=rug, marker="|", s=160, c="0.45",
@@ -240,10 +266,12 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
     if baselines:
         ax.scatter([], [], marker="*", s=120, c="tab:blue", label="uniform-precision baselines")
     if xs:  # the rug is not in data coordinates on y, so set the memory range by hand
-        lo, hi = min(xs), max(xs)
-        pad = 0.08 * (hi - lo) if hi > lo else 0.05 * hi or 1e-3
-        ax.set_xlim(lo - pad, hi + pad)
-    ax.margins(y=0.15)
+        ax.set_xlim(*honest_range(min(xs), max(xs), MIN_MEMORY_SPAN * max(xs), floor=0.0))
+    accs = done["accuracy"].to_pylist()
+    ys = ([a - 1.96 * e for a, e in zip(accs, se)] + [a + 1.96 * e for a, e in zip(accs, se)] + accs + f_acc
+          + [b[1] for b in baselines.values()])
+    if ys:
+        ax.set_ylim(*honest_range(min(ys), max(ys), MIN_ACCURACY_SPAN, floor=0.0, ceil=1.0))
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}"))
     ax.set_xlabel(memory_label(results))

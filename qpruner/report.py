@@ -17,7 +17,7 @@ from qpruner.errors import QPrunerError
 from qpruner.pareto import (
     compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point, uniform_baselines,
 )
-from qpruner.results import GB, column_label, metric_columns
+from qpruner.results import GB, accuracy_text, column_label, metric_columns, noise_text
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
 BIT_NAMES = {4: "4-bit NF4/FP4", 8: "8-bit LLM.int8", 16: "16-bit (not quantized)"}
@@ -115,7 +115,9 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
               f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
     if (validation or {}).get("warnings"):
         lines += ["## Documents", ""] + [f"- {w}" for w in validation["warnings"]] + [""]
-    lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first.", ""]
+    lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first. Accuracy ± its "
+              "standard error over the scored documents (lm-eval's); two accuracies closer than about twice their "
+              "combined standard error are within noise.", ""]
     lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
     lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines)
     lines += ["", "## Search progress", "", "![hypervolume vs completed trials](hypervolume.png)", "",
@@ -225,8 +227,9 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
         pick = max(within, key=lambda r: r["accuracy"])
         if pick is not best:
             labelled.append((f"best mixed within uniform-{b} memory", pick))
+        noise = noise_text(pick, base)
         deltas.append(f"- Best mixed within uniform-{b} memory (`{pick['trial_id']}`) vs uniform-{b}: "
-                      f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy, "
+                      f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy{f', {noise}' if noise else ''}, "
                       f"{100 * (pick['memory_bytes'] / base['memory_bytes'] - 1):+.1f}% memory.")
     if not labelled:
         return ["No completed trial to compare yet."]
@@ -242,11 +245,11 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
 
 
 def md_table(rows: Sequence[dict], tasks: list[str], labels: Optional[list[str]] = None) -> list[str]:
-    """A Markdown table: [label], trial, bits per layer, accuracy, per-task accuracy, memory GB."""
-    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy", *[column_label(t) for t in tasks], "memory GB"]
+    """A Markdown table: [label], trial, bits per layer, accuracy ± standard error, per-task accuracy, memory GB."""
+    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy ± se", *[column_label(t) for t in tasks], "memory GB"]
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for i, r in enumerate(rows):
-        cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]), fmt(r["accuracy"]),
+        cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]), accuracy_text(r),
                                                    *[fmt(r.get(t)) for t in tasks], fmt(gb(r), 4)]
         out.append("| " + " | ".join(cells) + " |")
     return out

@@ -52,6 +52,7 @@ class TrialRecord:
     bits: list = _col(INT8_LIST, None)
     ranks: Optional[list] = _col(INT16_LIST)
     accuracy: Optional[float] = _col(pa.float64())  # the final test accuracy; None unless completed
+    accuracy_stderr: Optional[float] = _col(pa.float64())  # its standard error (qpruner.evaluate.mean_acc_stderr)
     val_logprob: Optional[float] = _col(pa.float64())
     val_acc: Optional[float] = _col(pa.float64())
     memory_bytes: Optional[int] = _col(pa.int64())
@@ -139,6 +140,25 @@ def column_label(column: str) -> str:
     return f"{column[len(prefix):]} ({METRIC_LABELS[prefix]})"
 
 
+def accuracy_text(row: dict, digits: int = 3) -> str:
+    """A row's accuracy with its standard error where known: '0.423 ± 0.018'; '-' when it has none."""
+    acc, se = row.get("accuracy"), row.get("accuracy_stderr")
+    if acc is None:
+        return "-"
+    return f"{acc:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def noise_text(a: dict, b: dict) -> str:
+    """Whether a's accuracy differs from b's beyond noise: the difference against 1.96 x its standard error
+    (sqrt(se_a^2 + se_b^2), the two evaluations taken as independent; they share documents, so this is
+    conservative). Empty when either standard error is unknown."""
+    if a.get("accuracy_stderr") is None or b.get("accuracy_stderr") is None:
+        return ""
+    margin = 1.96 * (a["accuracy_stderr"] ** 2 + b["accuracy_stderr"] ** 2) ** 0.5
+    verdict = "within noise" if abs(a["accuracy"] - b["accuracy"]) <= margin else "beyond noise"
+    return f"{verdict} (95% margin ±{100 * margin:.1f} pt)"
+
+
 def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
     """One row per trial: the fixed columns, then `acc_<task>` and `acc_norm_<task>` per task seen; sorted by start.
 
@@ -184,13 +204,14 @@ def baseline_record(name: str, label: str, bits: list[int], accuracy: float, sco
     per-task scores (`scores`: qpruner.evaluate.eval_record's dict, or a trial result) become acc_/ppl_ columns."""
     columns = {f"{prefix}{t}": v for name_, prefix, _ in TASK_COLUMNS for t, v in (scores.get(name_) or {}).items()}
     return {"trial_id": f"baseline:{name}", "label": label, "bits": bits, "accuracy": accuracy,
+            "accuracy_stderr": scores.get("accuracy_stderr"),
             "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **columns}
 
 
 # ---------------------------------------------------------------------------------------------
 # Tune trials <-> records.
 
-RECORDED_KEYS = ("accuracy", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
+RECORDED_KEYS = ("accuracy", "accuracy_stderr", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
                  "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
 
 
@@ -246,6 +267,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Option
         "bits": bits_from_config(trial.config, n_layers),
         "ranks": ranks_from_config(trial.config, n_layers),
         "accuracy": last.get("accuracy") if final else None,
+        "accuracy_stderr": last.get("accuracy_stderr") if final else None,
         "task_acc": last.get("task_acc") or {},
         "task_acc_norm": last.get("task_acc_norm") or {},
         "task_ppl": last.get("task_ppl") or {},

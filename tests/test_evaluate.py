@@ -120,3 +120,22 @@ def test_eval_metric_is_validated():
     assert resolved_config({}).eval.metric == "paper"
     with pytest.raises(ConfigError, match="eval.metric"):
         resolved_config({"eval": {"metric": "f1"}})
+
+
+def test_mean_acc_stderr_is_lm_evals_per_task_stderr_combined():
+    """Each task's standard error equals lm-eval's mean_stderr of its 0/1 document scores; the mean over
+    tasks combines them as independent: sqrt(sum se^2) / T. The metric choice follows eval.metric."""
+    from lm_eval.api.metrics import mean_stderr
+
+    from qpruner.evaluate import mean_acc_stderr
+
+    boolq, piqa = [1, 0, 1, 1, 0, 0, 1, 1], [1] * 9 + [0] * 11
+    norm = [1] * 12 + [0] * 8
+    scores = {"boolq": {"acc": 5 / 8, "acc_norm": None, "n_docs": 8},
+              "piqa": {"acc": 9 / 20, "acc_norm": 12 / 20, "n_docs": 20},
+              "wikitext": {"acc": None, "word_perplexity": 30.0, "n_docs": 5}}
+    expected = (mean_stderr(boolq) ** 2 + mean_stderr(piqa) ** 2) ** 0.5 / 2
+    assert mean_acc_stderr(scores, "acc") == pytest.approx(expected, rel=1e-12)
+    expected_norm = (mean_stderr(boolq) ** 2 + mean_stderr(norm) ** 2) ** 0.5 / 2
+    assert mean_acc_stderr(scores, "acc_norm") == pytest.approx(expected_norm, rel=1e-12)
+    assert mean_acc_stderr({"boolq": {"acc": 1.0, "n_docs": 1}}) is None  # one document: no spread to measure

@@ -158,7 +158,7 @@ def sample_records() -> list[dict]:
 
 EXPECTED_FIXED = [
     ("trial_id", "string"), ("status", "string"), ("bits", "list<element: int8>"), ("ranks", "list<element: int16>"),
-    ("accuracy", "double"), ("val_logprob", "double"), ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
+    ("accuracy", "double"), ("accuracy_stderr", "double"), ("val_logprob", "double"), ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
     ("memory_source", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),
@@ -334,8 +334,40 @@ def test_print_front_shows_every_front_row():
     front = front_table(results_table(sample_records()))
     print_front(front, console=console)
     text = console.export_text()
-    assert "t0" in text and "t3" in text and "48" in text and "0.720" in text and "arc_easy" in text
+    assert "t0" in text and "t3" in text and "48" in text and "0.720" in text
     assert "t5" not in text
+
+
+def test_front_table_reads_whole_at_80_columns():
+    """At 80 columns (a log file's width too) nothing is cut: every trial id, each layer's bits, accuracy ±
+    its standard error and memory appear in full; long bit strings fold onto further lines."""
+    bits = [4, 8] * 16  # 32 layers, as LLaMA-7B
+    records = [record(i, "completed", bits[i:] + bits[:i], 0.5 + 0.01 * i, 1000 * 2**30 + i * 2**29,
+                      accuracy_stderr=0.0123, trial_id=f"a1b2c_0000{i}") for i in range(3)]
+    console = Console(record=True, width=80)
+    print_front(front_table(results_table(records)), console=console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for r in records:
+        assert r["trial_id"] in text and f"{r['accuracy']:.3f} ± 0.012" in text
+    cells = "".join(ch for ch in text if ch in "48\n").split("\n")  # the bits cells' digits, folded lines joined below
+    digits = "".join(cells)
+    assert all("".join(map(str, r["bits"])) in digits for r in records)
+
+
+def test_noise_verdicts_and_axes_that_do_not_inflate_noise():
+    from qpruner.pareto import MIN_ACCURACY_SPAN, honest_range
+    from qpruner.results import accuracy_text, noise_text
+
+    a, b = {"accuracy": 0.606, "accuracy_stderr": 0.02}, {"accuracy": 0.600, "accuracy_stderr": 0.02}
+    assert noise_text(a, b).startswith("within noise") and "±5.5 pt" in noise_text(a, b)
+    assert noise_text({"accuracy": 0.70, "accuracy_stderr": 0.02}, b).startswith("beyond noise")
+    assert noise_text(a, {"accuracy": 0.6}) == ""
+    assert accuracy_text(a) == "0.606 ± 0.020" and accuracy_text({"accuracy": 0.6}) == "0.600"
+    lo, hi = honest_range(0.600, 0.606, MIN_ACCURACY_SPAN, floor=0.0, ceil=1.0)  # a 0.006 gap: 6% of the axis
+    assert hi - lo >= MIN_ACCURACY_SPAN - 1e-9 and lo < 0.600 and hi > 0.606
+    assert honest_range(0.97, 0.99, 0.1, 0.0, 1.0)[1] == 1.0 and honest_range(0.0, 0.01, 0.1, 0.0, 1.0)[0] == 0.0
+    assert honest_range(0.2, 0.9, 0.1, 0.0, 1.0) == pytest.approx((0.144, 0.956))  # a wide spread: padding only
 
 
 def test_results_record_both_metrics_and_headers_name_them():

@@ -16,6 +16,7 @@ from qpruner.cli import run_cli
 from qpruner.errors import QPrunerError
 from qpruner.pareto import front_table, write_results
 from qpruner.report import compact_bits, main, write_report
+from qpruner.results import noise_text
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 12
@@ -30,7 +31,7 @@ def trial(i: int, bits: list[int], status: str = "completed", steps: int = 40, m
     acc = 0.40 + 0.2 * sum(b > 4 for b in bits) / N_LAYERS + 0.05 * (bits.count(16) > 0) + rng.normal(0, 0.01)
     done = status == "completed"
     return {"trial_id": f"trial{i:02d}", "status": status, "bits": bits, "ranks": None,
-            "accuracy": acc if done else None,
+            "accuracy": acc if done else None, "accuracy_stderr": 0.02 if done else None,
             "task_acc": {"arc_easy": acc + 0.1, "hellaswag": acc - 0.1} if done else {}, "task_acc_norm": {},
             "val_acc": acc + rng.normal(0, 0.02) if status != "failed" else None,
             "memory_bytes": mem if status != "failed" else None, "memory_source": "estimated",
@@ -71,7 +72,7 @@ def test_report_sections_and_numbers(run_dir):
     assert f"{trial_hours:.3g} trial-hours" in text
     front = front_table(pq.read_table(run_dir / "results.parquet"))
     for r in front.to_pylist():  # every front configuration is listed with its compact bits
-        assert f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['accuracy']:.3f} |" in text
+        assert f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['accuracy']:.3f} ± 0.020 |" in text
     for row in ("uniform-16 LoRA", "uniform-8 LoftQ", "uniform-4 LoftQ", "best mixed"):
         assert f"| {row}" in text
     assert "| arc_easy (acc) | hellaswag (acc) | arc_easy (acc_norm) | hellaswag (acc_norm) |" in text
@@ -80,8 +81,9 @@ def test_report_sections_and_numbers(run_dir):
     pick = max((r for r in done if len(set(r["bits"])) > 1 and r["memory_bytes"] <= base["memory_bytes"]),
                key=lambda r: r["accuracy"])
     assert (f"within uniform-8 memory (`{pick['trial_id']}`) vs uniform-8: "
-            f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy, "
+            f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy, {noise_text(pick, base)}, "
             f"{100 * (pick['memory_bytes'] / base['memory_bytes'] - 1):+.1f}% memory") in text
+    assert "noise (95% margin ±5.5 pt)" in text  # 1.96 x sqrt(2) x 0.02
     assert "`trial16` (bits 8888 8844 4444): torch.OutOfMemoryError: CUDA out of memory" in text
     assert "| trial15 | 4444 4488 8888 | 10 / 40 |" in text
     assert "```yaml\nmodel:\n  name: builtin:tiny\nsearch:\n  num_samples: 17\n```" in text

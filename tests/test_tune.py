@@ -55,6 +55,7 @@ def test_search_writes_consistent_results_and_front(tiny_run):
     assert failed["error"] and ("NaN" in failed["error"] or "nan" in failed["error"] or "diverge" in failed["error"])
     completed = [r for r in results if r["status"] == "completed"]
     assert completed and all(r["accuracy"] is not None and r["memory_bytes"] > 0 for r in completed)
+    assert all(0 < r["accuracy_stderr"] < 0.5 for r in completed)  # lm-eval's standard error, combined over tasks
     # the front is exactly the non-dominated completed trials
     mask = pareto_mask([r["accuracy"] for r in completed], [r["memory_bytes"] for r in completed])
     expected = {r["trial_id"] for r, keep in zip(completed, mask) if keep}
@@ -78,7 +79,7 @@ def test_report_compares_with_the_measured_baselines(tiny_run):
     comparison = report.split("## Comparison with uniform precision")[1].split("##")[0]
     for label in ("unpruned, no fine-tuning", "uniform-16 LoRA", "uniform-4 LoftQ"):  # the uniform-8 anchor is made to fail
         assert f"| {label} |" in comparison, label
-    assert f"{sixteen['accuracy']:.3f}" in comparison
+    assert f"{sixteen['accuracy']:.3f} ± {sixteen['accuracy_stderr']:.3f}" in comparison
 
 
 def test_first_trials_are_the_importance_aware_configs(tiny_run):
