@@ -51,6 +51,10 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
     """Run `main(argv)`; a QPrunerError becomes `error: <one line>` and exit code 2 unless --debug."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if debug:
+        from qpruner import noise
+
+        noise.show_all()
     try:
         code = main(args)
     except QPrunerError as exc:

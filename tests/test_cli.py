@@ -1,0 +1,32 @@
+"""The `qpruner` console script: one verb per module, the modules' own parsers and one-line errors."""
+
+import pytest
+
+from qpruner.__main__ import VERBS, main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_verbs_dispatch_to_the_modules(capsys, tmp_path):
+    code, out, _ = run([], capsys)
+    assert code == 2 and all(verb in out for verb in VERBS)
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "qpruner VERB" in out
+    code, _, err = run(["frob"], capsys)
+    assert code == 2 and err.strip() == "error: unknown verb 'frob'; use one of tune, trial, prune, report, export"
+    code, _, err = run(["report", str(tmp_path / "missing")], capsys)  # the report module's own one-line error
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "missing" in err
+    code, out, _ = run(["export", "--help"], capsys)
+    assert code == 0 and "--format" in out
+
+
+def test_every_verb_module_has_a_main():
+    import importlib
+
+    for module, _ in VERBS.values():
+        assert callable(importlib.import_module(module).main)
