@@ -170,8 +170,6 @@ def make_llama_lm(path: Path, tokenizer, threads: int):
 def measure_cell(cfg, pruned: Path, adapter: Path, trial: dict, pieces: list[list[int]], prompts, work: Path,
                  threads: int, accuracy: bool, embeddings: tuple[str, ...]) -> dict:
     from qpruner.evaluate import held_out_docs, load_tasks, mean_acc, resolve_tasks, run_tasks
-    from qpruner.export import gguf_from_trial
-    from qpruner.gguf_export import load_gguf_weights
     from qpruner.model import load_model
 
     row = {"trial_id": trial["name"], "bits": trial["bits"], "ranks": None, "accuracy": trial["accuracy"],
@@ -187,25 +185,9 @@ def measure_cell(cfg, pruned: Path, adapter: Path, trial: dict, pieces: list[lis
     out["merged_ppl"] = torch_ppl(merged, pieces)
     ref = torch_logits(merged, pieces[0])
     for emb in embeddings:
-        path = work / f"{trial['name']}-{emb}.gguf"
-        started = time.time()
-        summary = gguf_from_trial(cfg, pruned, adapter, row, path, embeddings=emb)
-        seconds = time.time() - started
-        held, _ = load_model(str(folder / "merged"))
-        load_gguf_weights(held, path)
-        llm = load_llama(path, WINDOW, threads)
-        ours = llama_logits(llm, pieces[0])
-        same = torch_logits(held, pieces[0])
-        out["files"][emb] = {
-            "file_bytes": summary.file_bytes, "tensor_types": summary.tensor_types, "export_seconds": round(seconds, 1),
-            "padded_ff": {str(k): list(v) for k, v in summary.padded_ff.items()}, "fallbacks": summary.fallbacks,
-            "tokenizer": summary.tokenizer,
-            "file_weights_ppl": torch_ppl(held, pieces), "llama_cpp_ppl": llama_ppl(llm, pieces),
-            "logits_llama_vs_merged": compare(ours, ref), "logits_llama_vs_file_weights": compare(ours, same),
-            "logits_file_weights_vs_merged": compare(same, ref),
-        }
+        out["files"][emb] = measure_file(cfg, pruned, adapter, row, work / f"{trial['name']}-{emb}.gguf", folder, pieces,
+                                         ref, threads, embeddings=emb)
         print(json.dumps({trial["name"]: {emb: out["files"][emb]}}, default=str), flush=True)
-        del held
     main_emb = embeddings[0]
     path = work / f"{trial['name']}-{main_emb}.gguf"
     llm = load_llama(path, WINDOW, threads)
@@ -228,6 +210,46 @@ def measure_cell(cfg, pruned: Path, adapter: Path, trial: dict, pieces: list[lis
         out["llama_cpp_task_acc_norm"] = {t: s.get("acc_norm") for t, s in scores.items()}
         out["n_docs"] = {t: s.get("n_docs") for t, s in scores.items()}
     return out
+
+
+def measure_file(cfg, pruned: Path, adapter: Path, row: dict, path: Path, folder: Path, pieces, ref: np.ndarray,
+                 threads: int, **options) -> dict:
+    """Write one GGUF file of the trial (`options`: embeddings, q4) and measure it: perplexity of the merged model
+    holding the file's rounded weights and of llama.cpp running the file, and logits against the merged model."""
+    from qpruner.export import gguf_from_trial
+    from qpruner.gguf_export import load_gguf_weights
+    from qpruner.model import load_model
+
+    started = time.time()
+    summary = gguf_from_trial(cfg, pruned, adapter, row, path, **options)
+    seconds = time.time() - started
+    held, _ = load_model(str(folder / "merged"))
+    load_gguf_weights(held, path)
+    llm = load_llama(path, WINDOW, threads)
+    ours, same = llama_logits(llm, pieces[0]), torch_logits(held, pieces[0])
+    return {"file_bytes": summary.file_bytes, "tensor_types": summary.tensor_types, "export_seconds": round(seconds, 1),
+            "padded_ff": {str(k): list(v) for k, v in summary.padded_ff.items()}, "fallbacks": summary.fallbacks,
+            "tokenizer": summary.tokenizer, "file_weights_ppl": torch_ppl(held, pieces), "llama_cpp_ppl": llama_ppl(llm, pieces),
+            "logits_llama_vs_merged": compare(ours, ref), "logits_llama_vs_file_weights": compare(ours, same),
+            "logits_file_weights_vs_merged": compare(same, ref)}
+
+
+def q4_cell(cfg, pruned: Path, adapter: Path, trial: dict, pieces, work: Path, threads: int) -> dict:
+    """The other 4-bit GGUF types for the same trial (embeddings Q8_0): Q4_1 and IQ4_NL (a non-linear grid, as
+    NF4's), against the Q4_0 of the main cell; perplexity and logits only."""
+    from qpruner.model import load_model
+
+    row = {"trial_id": trial["name"], "bits": trial["bits"], "ranks": None, "accuracy": trial["accuracy"],
+           "memory_gb": trial["memory_gb"]}
+    folder = work / f"{trial['name']}-export"
+    merged, _ = load_model(str(folder / "merged"))
+    ref = torch_logits(merged, pieces[0])
+    files = {}
+    for q4 in ("q4_1", "iq4_nl"):
+        files[q4] = measure_file(cfg, pruned, adapter, row, work / f"{trial['name']}-{q4}.gguf", folder, pieces, ref,
+                                 threads, q4=q4)
+        print(json.dumps({trial["name"]: {q4: files[q4]}}, default=str), flush=True)
+    return {"files": files}
 
 
 def tokenizer_agreement(llm, tokenizer, pieces: list[list[int]]) -> dict:
@@ -308,21 +330,26 @@ def run_model(name: str, cells, args, work: Path) -> None:
         embeddings = ("q8_0", "f16") if label == "uniform-4" else ("q8_0",)
         cells.run(f"{key} gguf", lambda: measure_cell(cfg, pruned.path, adapter, trial, pieces, prompts, work,
                                                       args.threads, accuracy=not args.no_accuracy, embeddings=embeddings))
+        cells.run(f"{key} q4 types", lambda: q4_cell(cfg, pruned.path, adapter, trial, pieces, work, args.threads))
 
 
 def summary(path: Path) -> str:
-    """The measured table as markdown (README figures)."""
+    """The measured table as markdown (README figures): one row per file, Q4_0 files first."""
     cells = json.loads(path.read_text())["cells"]
-    lines = ["| model, bits | trial ppl | merged ppl | file's weights ppl | llama.cpp ppl | logits llama.cpp vs merged (max / mean, top-1) "
-             "| accuracy trial / llama.cpp | file MB (trial weight MB) |", "|" + " --- |" * 8]
+    lines = ["| model, bits | 4-bit type, embeddings | trial ppl | merged ppl | file's weights ppl | llama.cpp ppl "
+             "| logits llama.cpp vs merged (max / mean, top-1) | accuracy trial / llama.cpp | file MB (trial weight MB) |",
+             "|" + " --- |" * 9]
     for key, cell in cells.items():
         if not key.endswith(" gguf"):
             continue
-        trial = cells[key.replace(" gguf", " trial")]
-        for emb, f in cell["files"].items():
+        name = key.removesuffix(" gguf")
+        trial = cells[f"{name} trial"]
+        files = [("Q4_0", emb, f, cell.get("llama_cpp_accuracy")) for emb, f in cell["files"].items()]
+        files += [(q4.upper(), "q8_0", f, None) for q4, f in cells.get(f"{name} q4 types", {}).get("files", {}).items()]
+        for q4, emb, f, llama_acc in files:
             logits = f["logits_llama_vs_merged"]
-            acc = f"{trial['accuracy']:.3f} / {cell['llama_cpp_accuracy']:.3f}" if cell.get("llama_cpp_accuracy") is not None else "-"
-            lines.append(f"| {key.removesuffix(' gguf')}, embeddings {emb.upper()} | {trial['trial_ppl']:.2f} | {cell['merged_ppl']:.2f} | "
+            acc = f"{trial['accuracy']:.3f} / {llama_acc:.3f}" if llama_acc is not None else "-"
+            lines.append(f"| {name} | {q4}, {emb.upper()} | {trial['trial_ppl']:.2f} | {cell['merged_ppl']:.2f} | "
                          f"{f['file_weights_ppl']:.2f} | {f['llama_cpp_ppl']:.2f} | {logits['max_abs']:.2f} / {logits['mean_abs']:.3f}, "
                          f"{logits['top1_agreement']:.3f} | {acc} | {f['file_bytes'] / 1e6:.2f} ({trial['weight_bytes'] / 1e6:.2f}) |")
     return "\n".join(lines)

@@ -213,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--format", choices=("folder", "gguf"), default="folder",
                         help="folder (default, above) or gguf: --out FILE.gguf, one file llama.cpp runs (qpruner/gguf_export.py)")
     parser.add_argument("--embeddings", default=None, help="gguf: type of token embeddings and output (f16, q8_0 (default), f32, bf16, q4_0)")
-    parser.add_argument("--q4", default="q4_0", help="gguf: type of 4-bit layers, q4_0 (default), q4_1 or q4_k (needs llama-cpp-python)")
+    parser.add_argument("--q4", default="q4_0", help="gguf: type of 4-bit layers, q4_0 (default), q4_1, or iq4_nl / q4_k (need llama-cpp-python)")
     parser.add_argument("--tokenizer-pre", default=None, help="gguf: llama.cpp pre-tokenizer name, when it cannot be recognised")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)

@@ -6,8 +6,9 @@ key/value head count and the feed-forward width of every decoder layer from arra
 a pruned model needs; GGUF stores each tensor in its own type, so each decoder layer keeps the precision
 the search chose:
 
-    bits 4  -> Q4_0 (block 32; `q4="q4_k"` uses Q4_K, block 256, where a row length allows and
-               llama-cpp-python's ggml library is installed)
+    bits 4  -> Q4_0 (block 32; `q4="iq4_nl"` uses IQ4_NL, block 32 on a non-linear grid like NF4's, and
+               `q4="q4_k"` Q4_K, block 256, where a row length allows; both need llama-cpp-python's ggml
+               library, which quantizes them)
     bits 8  -> Q8_0 (block 32)
     bits 16 -> F16 (BF16 for a tensor whose values leave F16's range)
     norms F32; token embeddings and the output matrix per `embeddings` (default Q8_0, see the README)
@@ -50,7 +51,7 @@ from qpruner.errors import QPrunerError
 
 ARCH = "deci"
 EMBEDDING_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-Q4_TYPES = ("q4_0", "q4_1", "q4_k")
+Q4_TYPES = ("q4_0", "q4_1", "iq4_nl", "q4_k")
 DEFAULT_EMBEDDINGS = "q8_0"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")  # qpruner families deci can express
 F16_MAX = 65504.0
@@ -152,6 +153,11 @@ def layer_shapes(config: dict) -> list[dict]:
 # tensor types
 
 
+# 4-bit types that only ggml itself quantizes (through llama-cpp-python's library): Q4_K (blocks of 256) and
+# IQ4_NL (blocks of 32 on a fixed non-linear grid, like NF4's, so closer to a bitsandbytes NF4 trial than Q4_0)
+GGML_QUANTIZED = ("Q4_K", "IQ4_NL")
+
+
 def _gguf():
     import gguf
 
@@ -162,7 +168,7 @@ def layer_type(bits: int, q4: str = "q4_0"):
     """The GGUF type of a decoder layer's projections at a searched bit-width."""
     T = _gguf().GGMLQuantizationType
     if bits == 4:
-        return {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q4_k": T.Q4_K}[q4]
+        return {"q4_0": T.Q4_0, "q4_1": T.Q4_1, "q4_k": T.Q4_K, "iq4_nl": T.IQ4_NL}[q4]
     if bits == 8:
         return T.Q8_0
     if bits == 16:
@@ -175,7 +181,7 @@ def block_size(qtype) -> int:
 
 
 def _ggml_library():
-    """llama-cpp-python's ggml base library (for Q4_K, which the gguf package does not quantize), or None."""
+    """llama-cpp-python's ggml base library (for GGML_QUANTIZED, which the gguf package does not quantize), or None."""
     import ctypes
     import importlib.util
 
@@ -203,7 +209,7 @@ def quantize(data: np.ndarray, qtype) -> np.ndarray:
         return data
     if qtype == T.F16:
         return data.astype(np.float16)
-    if qtype == T.Q4_K:
+    if qtype.name in GGML_QUANTIZED:
         lib = _ggml_library()
         rows, cols = data.shape
         block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
@@ -225,8 +231,9 @@ def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
 def _fit_type(name: str, data: np.ndarray, qtype, fallbacks: dict):
     """qtype, or F16/BF16 where the row length or the values do not fit it."""
     T = _gguf().GGMLQuantizationType
-    if qtype == T.Q4_K and (_ggml_library() is None or data.shape[1] % 256):
-        why = "row length not a multiple of 256" if data.shape[1] % 256 else "llama-cpp-python not installed"
+    if qtype.name in GGML_QUANTIZED and (_ggml_library() is None or data.shape[1] % block_size(qtype)):
+        why = (f"row length not a multiple of {block_size(qtype)}" if data.shape[1] % block_size(qtype)
+               else "llama-cpp-python not installed")
         fallbacks[name] = f"Q4_0 ({why})"
         qtype = T.Q4_0
     if data.shape[1] % block_size(qtype):
@@ -498,7 +505,7 @@ def write_gguf(model_dir: str | Path, bits: Sequence[int], out: str | Path, embe
         writer.add_vocab_size(n_vocab)
         counts = Counter(t.name for t in types)
         main = counts.most_common(1)[0][0]
-        file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M", "Q8_0": "MOSTLY_Q8_0",
+        file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K": "MOSTLY_Q4_K_M", "IQ4_NL": "MOSTLY_IQ4_NL", "Q8_0": "MOSTLY_Q8_0",
                      "F16": "MOSTLY_F16"}[main]
         writer.add_file_type(int(getattr(gguf.LlamaFileType, file_type)))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -571,7 +578,7 @@ def load_gguf_weights(model, path: str | Path) -> None:
 def describe(summary: GGUFSummary) -> str:
     """A short human summary of a written file."""
     lines = [f"{summary.path} ({summary.file_bytes / 1e6:.1f} MB, architecture deci): layer types "
-             f"{','.join(t.replace('Q4_0', 'q4').replace('Q8_0', 'q8').replace('F16', 'f16').replace('Q4_K', 'q4k').replace('Q4_1', 'q4_1') for t in summary.layer_types)}; "
+             f"{','.join(t.replace('Q4_0', 'q4').replace('Q8_0', 'q8').replace('F16', 'f16').replace('Q4_K', 'q4k').replace('Q4_1', 'q4_1').replace('IQ4_NL', 'iq4nl') for t in summary.layer_types)}; "
              f"tensors {dict(sorted(summary.tensor_types.items()))}; tokenizer {summary.tokenizer}"]
     if summary.padded_ff:
         lines.append("feed-forward widths padded with zero channels to the block size: "

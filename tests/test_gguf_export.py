@@ -328,15 +328,17 @@ def wide_model(tiny_assets, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_q4_k_layers_run_in_llama_cpp(wide_model, tmp_path):
-    """--q4 q4_k: ggml's own Q4_K quantizer (llama-cpp-python's library) where rows are multiples of 256."""
+@pytest.mark.parametrize("q4", ["q4_k", "iq4_nl"])
+def test_ggml_quantized_layers_run_in_llama_cpp(wide_model, tmp_path, q4):
+    """--q4 q4_k / iq4_nl: ggml's own quantizers (llama-cpp-python's library); Q4_K where rows are multiples of 256."""
     from transformers import LlamaForCausalLM
 
     from qpruner.gguf_export import load_gguf_weights, write_gguf
 
     _llama()
-    summary = write_gguf(wide_model, [4, 8, 4], tmp_path / "k.gguf", q4="q4_k")
-    assert summary.layer_types == ["Q4_K", "Q8_0", "Q4_K"] and summary.tensor_types["Q4_K"] == 14 and not summary.fallbacks
+    summary = write_gguf(wide_model, [4, 8, 4], tmp_path / "k.gguf", q4=q4)
+    four = q4.upper()
+    assert summary.layer_types == [four, "Q8_0", four] and summary.tensor_types[four] == 14 and not summary.fallbacks
     held = LlamaForCausalLM.from_pretrained(wide_model).eval()
     load_gguf_weights(held, summary.path)
     ids = list(range(3, 40))
