@@ -300,12 +300,53 @@ def _gb_to_bytes(gb: Optional[float]) -> Optional[int]:
 
 
 def _error_text(trial) -> str:
-    """The last line of the trial's error (the exception message), for results.parquet."""
+    """The last line of the trial's error (the exception message), for results.parquet; a failure answered from
+    the record (RecordedFailure) keeps its recorded text."""
     path = trial.error_file
     if path and Path(path).is_file():
         lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-        return lines[-1][:2000] if lines else "unknown error"
+        text = lines[-1] if lines else "unknown error"
+        return text.split(f"{RecordedFailure.__name__}: ", 1)[-1][:2000]
     return "unknown error"
+
+
+# What a trial's error says when the trial was killed from outside (Ray's memory monitor, a lost worker or node,
+# a signal) rather than failing by itself: a resumed run trains it again.
+KILLED = ("OutOfMemoryError", "running low on memory", "ActorDiedError", "The actor is dead", "worker process has died",
+          "WorkerCrashedError", "NodeDiedError", "ActorUnavailableError", "died unexpectedly", "interrupted before it finished")
+
+
+def killed(error: Optional[str]) -> bool:
+    """Whether a failed trial's error text says it was killed rather than failed by itself."""
+    return bool(error) and any(marker in error for marker in KILLED)
+
+
+class RecordedFailure(Exception):
+    """A resumed run's trial that results.parquet holds as failed by itself: failed again at once with the
+    recorded error (not trained again), while the killed trials beside it are retried."""
+
+
+def recorded_failure(out: Path, trial_id: str) -> Optional[str]:
+    """The recorded error of a trial that failed by itself (not killed), or None."""
+    path = Path(out) / "results.parquet"
+    try:
+        rows = [r for r in pq.read_table(path, columns=["trial_id", "status", "error"]).to_pylist()
+                if r["trial_id"] == trial_id] if path.is_file() else []
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    if rows and rows[0]["status"] == "failed" and rows[0]["error"] and not killed(rows[0]["error"]):
+        return rows[0]["error"]
+    return None
+
+
+def killed_trials(out: Path) -> list[str]:
+    """The trials results.parquet holds as killed: a resume retries them."""
+    path = Path(out) / "results.parquet"
+    try:
+        rows = pq.read_table(path, columns=["trial_id", "status", "error"]).to_pylist() if path.is_file() else []
+    except (OSError, pa.ArrowException, ValueError):
+        return []
+    return [r["trial_id"] for r in rows if r["status"] == "failed" and killed(r["error"])]
 
 
 # ---------------------------------------------------------------------------------------------

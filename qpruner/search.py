@@ -218,6 +218,8 @@ class RecordedOptunaSearch(_optuna_search_class()):
         return None
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        if trial_id in self._completed_trials:  # a killed trial retried by a resumed run: Optuna was told already
+            return super().on_trial_complete(trial_id, result=result, error=error)
         if self._max_memory_gb and result and result.get("memory_gb") is not None and trial_id in self._ot_trials:
             # Optuna 5's constraint support (constraints_func is deprecated): TPE, GP and NSGA-II read it;
             # a stopped trial is judged by its last report's (analytic) memory

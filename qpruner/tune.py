@@ -23,7 +23,8 @@ from ray.tune import Callback
 from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
 from qpruner.plan import RunPlan, check_storage, make_plan
-from qpruner.results import ADAPTERS, adapter_path, record_from_trial, recorded_result, write_atomic, write_json_atomic
+from qpruner.results import ADAPTERS, RecordedFailure, adapter_path, killed_trials, record_from_trial, recorded_failure, \
+    recorded_result, write_atomic, write_json_atomic
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
@@ -54,6 +55,9 @@ def trial_trainable(config: dict, plan: RunPlan) -> None:
     if recorded is not None:
         tune.report(recorded)
         return
+    failure = recorded_failure(Path(plan.out), trial_id)
+    if failure is not None:  # restarted with the killed trials (restart_errored), but it failed by itself
+        raise RecordedFailure(failure)
     cfg = plan.cfg
     bits = bits_from_config(config, plan.n_layers)
     ranks = ranks_from_config(config, plan.n_layers)
@@ -352,7 +356,13 @@ def build_tuner(plan: RunPlan, points: list, restore: bool):
     cfg, out, units = plan.cfg, Path(plan.out), search_units(plan.cfg, plan.n_layers)
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, plan=plan), plan.resources)
     if restore:
-        return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, restart_errored=False)
+        retry = killed_trials(out)  # killed from outside (memory, a lost worker): trained again
+        if retry:
+            print(f"[qpruner] retrying {len(retry)} trial(s) killed before they finished: {', '.join(retry)}", flush=True)
+        # resume_errored keeps the trial ids (restart_errored would start them afresh under new ids): a killed trial
+        # is trained again from the start (trials keep no checkpoint), one that failed by itself fails again at
+        # once with its recorded error (trial_trainable)
+        return tune.Tuner.restore(str(out / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=bool(retry))
     scheduler = None
     max_t = asha_max_t(cfg)
     if cfg.search.asha.enabled and max_t >= cfg.search.asha.grace_period:

@@ -281,3 +281,28 @@ def test_late_refusals_leave_no_out_folder(tmp_path, tiny_assets, make_recipe, s
     line = one_line_error(run_cli(["qpruner.tune", "--config", str(make_recipe()), "--out", str(out), "--no-dashboard",
                                    "--set", setting], timeout=300))
     assert field in line and not out.exists()
+
+
+def test_a_killed_trial_is_retried_and_one_that_failed_by_itself_keeps_its_error(tmp_path):
+    """Issue 28: a resume trains again the trials killed from outside (Ray's memory monitor, a dead worker, Ctrl-C),
+    and answers a trial that failed by itself with its recorded error (RecordedFailure, same text in the row)."""
+    from types import SimpleNamespace
+
+    from qpruner.pareto import write_results
+    from qpruner.results import RecordedFailure, _error_text, killed, killed_trials, recorded_failure
+    from qpruner.tune import INTERRUPTED
+
+    def row(trial_id, error):
+        return {"trial_id": trial_id, "status": "failed", "bits": [4, 8], "error": error, "started_at": 1.0,
+                "config": {"b0": 4, "b1": 8}}
+
+    oom = "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    dead = "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR"
+    nan = "qpruner.finetune.TrainingDiverged: finetune: training diverged at step 1 (loss nan)"
+    write_results([row("oom", oom), row("dead", dead), row("stop", INTERRUPTED), row("nan", nan)], tmp_path, plot=False)
+    assert killed(oom) and killed(dead) and killed(INTERRUPTED) and not killed(nan) and not killed(None)
+    assert sorted(killed_trials(tmp_path)) == ["dead", "oom", "stop"]
+    assert recorded_failure(tmp_path, "nan") == nan and recorded_failure(tmp_path, "oom") is None
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(f"Traceback (most recent call last):\n  ...\n{RecordedFailure.__module__}.RecordedFailure: {nan}\n")
+    assert _error_text(SimpleNamespace(error_file=str(error_file))) == nan
