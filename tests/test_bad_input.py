@@ -560,3 +560,58 @@ def test_a_search_whose_every_trial_failed_alike_fails_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
     write_results([row("c", "failed", "RuntimeError: loss is NaN")], tmp_path, plot=False)
     check_not_all_failed(tmp_path)  # different reasons: the trials failed, the configuration did not
+
+
+# Values of the right type outside what the field allows (the validate() checks), per field.
+OUT_OF_RANGE = {
+    "prune.ratio": st.one_of(st.floats(min_value=1.0, max_value=1e6), st.floats(max_value=-1e-9, min_value=-1e6)),
+    "prune.round_to": st.integers(max_value=0),
+    "prune.calibration.n_samples": st.integers(max_value=0),
+    "prune.calibration.seq_len": st.integers(max_value=0),
+    "quant.blocksize": st.integers(min_value=-10**6, max_value=10**6).filter(
+        lambda b: b not in (32, 64, 128, 256, 512, 1024, 2048, 4096)),
+    "quant.int8_threshold": st.floats(max_value=-1e-9, min_value=-1e6),
+    "lora.rank": st.integers(max_value=0),
+    "lora.alpha": st.integers(max_value=0),
+    "lora.dropout": st.one_of(st.floats(min_value=1.0, max_value=1e6), st.floats(max_value=-1e-9, min_value=-1e6)),
+    "lora.loftq_iters": st.integers(max_value=-1),
+    "finetune.lr": st.floats(max_value=0.0, min_value=-1e6),
+    "finetune.steps": st.integers(max_value=0),
+    "finetune.max_length": st.integers(max_value=0),
+    "finetune.report_every": st.integers(max_value=0),
+    "eval.batch_size": st.integers(max_value=0),
+    "eval.limit": st.integers(max_value=0),
+    "search.num_samples": st.integers(max_value=0),
+    "search.concurrency": st.integers(max_value=0),
+    "search.n_init": st.integers(max_value=-1),
+    "search.temperature": st.floats(max_value=0.0, min_value=-1e6),
+    "search.max_failures": st.integers(max_value=-1),
+    "search.layer_groups": st.integers(max_value=0),
+    "search.max_memory_gb": st.floats(max_value=0.0, min_value=-1e6),
+    "search.asha.grace_period": st.integers(max_value=0),
+    "search.asha.reduction_factor": st.integers(max_value=1),
+    "resources.cpu": st.floats(max_value=0.0, min_value=-1e6),
+    "resources.gpu": st.one_of(st.floats(min_value=1.0001, max_value=1e6), st.floats(max_value=-1e-9, min_value=-1e6)),
+    "resources.gpu_wait_s": st.floats(max_value=-1e-9, min_value=-1e6),
+}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_field_out_of_its_range_is_refused_in_one_line(data, tmp_path, capsys):
+    import tempfile
+
+    field = data.draw(st.sampled_from(sorted(OUT_OF_RANGE)))
+    value = data.draw(OUT_OF_RANGE[field])
+    raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
+    node = raw
+    parts = field.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    (work / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    before = snapshot(work)
+    line = refuse("tune", ["--config", str(work / "cfg.yaml"), "--out", str(work / "out"), "--no-dashboard"], capsys)
+    assert field in line, (field, value, line)
+    assert snapshot(work) == before

@@ -33,10 +33,22 @@ def start(args, log: Path) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (the local Ray cluster included): a crashed machine."""
+    """SIGKILL the driver and everything it started (the local Ray cluster included: every process of the session
+    `start` gave it): a crashed machine. Never `ray stop`, which kills every Ray process on the machine."""
+    def session(p):
+        try:
+            return os.getsid(p.pid)
+        except OSError:
+            return None
+
+    started = [p for p in psutil.process_iter() if session(p) == proc.pid and p.pid != proc.pid]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+    for p in started:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def running_trial(p: psutil.Process) -> bool:
