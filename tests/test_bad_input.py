@@ -425,6 +425,9 @@ SHAPED = [
     ("bits-value", ["--bits", "uniform:5"], "bits[0]=5"),
     ("bits-not-in-quant-bits", ["--bits", "uniform:16"], "quant.bits"),
     ("bits-not-numbers", ["--bits", "4,x"], "--bits"),
+    ("relative-model-folder-missing", ["--set", "model.name=models/my-llama"], "is no folder here"),
+    ("local-data-wrong-columns", ["--set", "eval.tasks=[boolq]", "--set", "eval.local_data.boolq={tmp}/boolq.jsonl"],
+     "eval.local_data.boolq: task 'boolq' cannot read"),
 ]
 
 
@@ -442,6 +445,8 @@ def pruned(template):
 def test_shapes_of_the_pruned_model_bound_lora(case, ws, pruned, capsys):
     _, extra, words = case
     root, _ = ws
+    (root / "boolq.jsonl").write_text('{"q": "is it", "p": "x", "y": 1}\n')  # not boolq's columns
+    extra = [a.replace("{tmp}", str(root)) for a in extra]
     argv = ["--config", str(root / "cfg.yaml")] + (["--bits", "uniform:4"] if "--bits" not in extra else []) + extra
     before = snapshot(root)
     line = refuse("trial", argv, capsys)
