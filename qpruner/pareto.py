@@ -171,17 +171,22 @@ def compact_bits(bits: Sequence[int]) -> str:
 
 def print_front(front: pa.Table, console=None) -> None:
     """The front in the terminal, readable at 80 columns and in a log file: trial, bits per layer (folded onto
-    more lines when long, never cut), accuracy ± standard error, memory. Per-task scores are in report.md."""
+    more lines when long, never cut), accuracy ± standard error, the perplexity of each perplexity task in
+    eval.tasks, memory. Per-task accuracies are in report.md."""
     from rich.console import Console
     from rich.table import Table
 
+    ppl = [c for c in front.column_names if c.startswith("ppl_")]
     table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)", title_justify="left")
     table.add_column("trial", no_wrap=True)
     table.add_column("bits per layer", overflow="fold")
     table.add_column("accuracy ± se", justify="right", no_wrap=True)
+    for column in ppl:
+        table.add_column(f"{column.removeprefix('ppl_')} ppl", justify="right", overflow="fold")
     table.add_column("memory GB", justify="right", no_wrap=True)
     for r in front.to_pylist():
-        table.add_row(r["trial_id"], compact_bits(r["bits"]), accuracy_text(r), f"{r['memory_gb']:.4f}")
+        table.add_row(r["trial_id"], compact_bits(r["bits"]), accuracy_text(r),
+                      *[f"{r[c]:.4g}" if r[c] is not None else "-" for c in ppl], f"{r['memory_gb']:.4f}")
     (console or Console()).print(table)
 
 

@@ -343,13 +343,13 @@ def test_front_table_reads_whole_at_80_columns():
     its standard error and memory appear in full; long bit strings fold onto further lines."""
     bits = [4, 8] * 16  # 32 layers, as LLaMA-7B
     records = [record(i, "completed", bits[i:] + bits[:i], 0.5 + 0.01 * i, 1000 * 2**30 + i * 2**29,
-                      accuracy_stderr=0.0123, trial_id=f"a1b2c_0000{i}") for i in range(3)]
+                      accuracy_stderr=0.0123, trial_id=f"a1b2c_0000{i}", task_ppl={"wikitext": 35.25 + i}) for i in range(3)]
     console = Console(record=True, width=80)
     print_front(front_table(results_table(records)), console=console)
     text = console.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     for r in records:
-        assert r["trial_id"] in text and f"{r['accuracy']:.3f} ± 0.012" in text
+        assert r["trial_id"] in text and f"{r['accuracy']:.3f} ± 0.012" in text and f"{r['task_ppl']['wikitext']:.4g}" in text
     cells = "".join(ch for ch in text if ch in "48\n").split("\n")  # the bits cells' digits, folded lines joined below
     digits = "".join(cells)
     assert all("".join(map(str, r["bits"])) in digits for r in records)
