@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -318,3 +319,56 @@ def test_a_killed_trial_is_retried_and_one_that_failed_by_itself_keeps_its_error
     error_file = tmp_path / "error.txt"
     error_file.write_text(f"Traceback (most recent call last):\n  ...\n{RecordedFailure.__module__}.RecordedFailure: {nan}\n")
     assert _error_text(SimpleNamespace(error_file=str(error_file))) == nan
+
+
+def _session_title(pid: int, prefix: str) -> bool:
+    """Whether a process of the driver's session (`start` gives each driver its own) runs a Ray task `prefix`."""
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == pid and " ".join(p.cmdline()).startswith(prefix):
+                return True
+        except (psutil.Error, OSError):
+            pass
+    return False
+
+
+def test_driver_killed_during_pruning_and_during_baselines_resumes(tmp_path, tiny_assets, make_recipe, cache):
+    """Issue 28's kill points beside test_killed_driver_resumes...: kill -9 while the pruning task runs (before
+    --out holds anything but the lock file, which the kernel has released), and while the baselines are measured;
+    each time the same command finishes the run, every finished trial once."""
+    cfg = make_recipe(num_samples=2, concurrency=1, baselines=["unpruned"])
+    raw = yaml.safe_load(cfg.read_text())
+    raw["finetune"].update(steps=10, report_every=5)
+    raw["eval"]["limit"] = 30
+    raw["output"]["cache_dir"] = str(cache)
+    raw["prune"]["ratio"] = 0.25  # not pruned by another test of this module: the task runs
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    args = ["--config", str(cfg), "--out", str(out), "--no-dashboard"]
+
+    first = start(args, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while not _session_title(first.pid, "ray::_prune_task") and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    kill_group(first)
+    assert [p.name for p in out.iterdir()] in ([], [".qpruner.lock"])  # nothing of the run was written yet
+
+    second = start(args, tmp_path / "second.log")
+    deadline = time.time() + 600
+    while "baselines: measuring" not in (tmp_path / "second.log").read_text() and time.time() < deadline \
+            and second.poll() is None:
+        time.sleep(0.5)
+    assert second.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+    kill_group(second)
+    before = finished_trials(out)
+    assert len(before) == 2 and not (out / "baselines.json").exists()
+
+    third = run_cli(["qpruner.tune", *args], timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = finished_trials(out)
+    assert set(after) == set(before)
+    for trial_id, row in before.items():
+        assert (after[trial_id]["status"], after[trial_id]["accuracy"]) == (row["status"], row["accuracy"])
+    assert "unpruned" in json.loads((out / "baselines.json").read_text())
+    assert not (out / ".qpruner.lock").exists()
