@@ -167,6 +167,9 @@ def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool
             if not resume:
                 neutral = differing_keys(recorded["config"], cfg.to_dict(), neutral=True) \
                     if isinstance(recorded.get("config"), dict) else []
+                if recorded.get("repaired"):
+                    raise QPrunerError(f"--out {out}: its run.json was rebuilt by --repair and records no recipe; pass "
+                                       "--resume to continue the run (config.yaml there is compared with yours first)")
                 if neutral:
                     raise QPrunerError(f"--out {out} holds this run with other {', '.join(neutral[:4])}, which change no "
                                        "result; pass --resume to continue it with them, or another --out")
@@ -466,6 +469,8 @@ def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, ove
     from qpruner.runfolder import read_json
 
     marker = read_json(out / "run.json")
+    if not isinstance(marker.get("config"), dict):  # an earlier version's or a repaired run.json, checked above
+        marker.update(run_key=run_key(cfg), config=cfg.to_dict())
     write_json_atomic({**marker, "pruned_path": str(pruned.path)}, out / "run.json")
     points: list = []
     if not restore:
