@@ -38,15 +38,15 @@ def test_relative_paths_become_absolute_for_the_workers(tiny_assets, tmp_path, m
     assert cfg.finetune.data == str(tmp_path / "alpaca.jsonl")
 
 
-def test_worker_env_carries_the_offline_flags_and_the_cache(monkeypatch, tmp_path):
+def test_worker_env_carries_the_offline_flags_and_the_cache(monkeypatch, cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("QPRUNER_INJECT_NAN_BITS", "4,4")
     monkeypatch.setenv("HOME_ONLY_ON_THE_DRIVER", "x")
-    cfg = resolved_config({"output": {"cache_dir": str(tmp_path / "cache")}})
+    cfg = resolved_config({"output": {"cache_dir": str(cache)}})  # a cache with the built tiny model (not built again)
     env = worker_env(cfg)
     assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
-    assert env["QPRUNER_INJECT_NAN_BITS"] == "4,4" and env["QPRUNER_CACHE"] == str(tmp_path / "cache")
+    assert env["QPRUNER_INJECT_NAN_BITS"] == "4,4" and env["QPRUNER_CACHE"] == str(cache)
     assert "HOME_ONLY_ON_THE_DRIVER" not in env
 
 
