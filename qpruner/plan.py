@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from qpruner.config import Config, ConfigError, check_local_paths, config_from_dict
 from qpruner.errors import QPrunerError
+from qpruner.runfolder import make_dirs
 
 # Environment the workers must share with the driver (read by Hugging Face libraries and by qpruner).
 ENV_NAMES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
@@ -190,7 +191,7 @@ def check_storage(paths: dict[str, Path]) -> list[str]:
     markers = {}
     try:
         for what, folder in paths.items():
-            made += _make_dirs(Path(folder))
+            made += make_dirs(Path(folder), what)
             marker = Path(folder) / f".qpruner-preflight-{token}"
             marker.write_text(token)
             markers[what] = str(marker)
@@ -213,17 +214,6 @@ def check_storage(paths: dict[str, Path]) -> list[str]:
             Path(marker).unlink(missing_ok=True)
         for folder in reversed(made):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _make_dirs(folder: Path) -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first) so they can be removed again."""
-    missing = []
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            break
-        missing.append(parent)
-    folder.mkdir(parents=True, exist_ok=True)
-    return list(reversed(missing))
 
 
 def _read_markers(markers: dict[str, str], token: str) -> list[tuple[str, str]]:

@@ -59,7 +59,7 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         check_out_path(self.out, self.what)
-        self.made = _make_dirs(self.out)
+        self.made = make_dirs(self.out)
         self.existing = {p.name for p in self.out.iterdir()}
         path = self.out / LOCK
         for _ in range(5):
@@ -121,7 +121,9 @@ class RunLock:
             (self.out / LOCK).unlink(missing_ok=True)  # a killed driver's leftover: stale, not the run's
 
 
-def _make_dirs(folder: Path) -> list[Path]:
+def make_dirs(folder: Path, what: str = "--out") -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first) so that a refusal can remove them again;
+    a folder that cannot be made is one line naming `what`."""
     missing = []
     for parent in [folder, *folder.parents]:
         if parent.exists():
@@ -130,7 +132,7 @@ def _make_dirs(folder: Path) -> list[Path]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise QPrunerError(f"--out {folder}: cannot create the folder ({exc.strerror or exc}); give another path") from None
+        raise QPrunerError(f"{what} {folder}: cannot create the folder ({exc.strerror or exc}); give another path") from None
     return list(reversed(missing))
 
 
