@@ -1,4 +1,5 @@
-"""User-facing errors: each one becomes a single line and exit code 2 at the CLI."""
+"""User-facing errors: each one becomes a single line and exit code 2 at the CLI; and the path checks and
+folder creation that raise them."""
 
 from __future__ import annotations
 
@@ -91,3 +92,18 @@ def _exists(path) -> bool:
         return path.exists()
     except OSError:
         return False
+
+
+def make_dirs(folder, what: str = "--out") -> list:
+    """mkdir -p, returning the folders it created (outermost first) so that a refusal can remove them again;
+    a folder that cannot be made is one line naming `what`."""
+    missing = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QPrunerError(f"{what} {folder}: cannot create the folder ({exc.strerror or exc}); give another path") from None
+    return list(reversed(missing))

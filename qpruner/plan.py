@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qpruner.config import Config, ConfigError, check_local_paths, config_from_dict
-from qpruner.errors import QPrunerError
-from qpruner.runfolder import make_dirs
+from qpruner.errors import QPrunerError, make_dirs
 
 # Environment the workers must share with the driver (read by Hugging Face libraries and by qpruner).
 ENV_NAMES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",

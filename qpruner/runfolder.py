@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from qpruner.errors import QPrunerError, check_out_path
+from qpruner.errors import QPrunerError, check_out_path, make_dirs
 
 LOCK = ".qpruner.lock"
 RUN = "run.json"
@@ -119,21 +119,6 @@ class RunLock:
                     entry.unlink(missing_ok=True)
         if LOCK in self.existing and holds_lock:
             (self.out / LOCK).unlink(missing_ok=True)  # a killed driver's leftover: stale, not the run's
-
-
-def make_dirs(folder: Path, what: str = "--out") -> list[Path]:
-    """mkdir -p, returning the folders it created (outermost first) so that a refusal can remove them again;
-    a folder that cannot be made is one line naming `what`."""
-    missing = []
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            break
-        missing.append(parent)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QPrunerError(f"{what} {folder}: cannot create the folder ({exc.strerror or exc}); give another path") from None
-    return list(reversed(missing))
 
 
 def _read_text(path: Path) -> str:
