@@ -332,6 +332,7 @@ def _session_title(pid: int, prefix: str) -> bool:
     return False
 
 
+@pytest.mark.slow  # ~100 s: the default suite keeps the mid-trial and after-N kill points (test above)
 def test_driver_killed_during_pruning_and_during_baselines_resumes(tmp_path, tiny_assets, make_recipe, cache):
     """Issue 28's kill points beside test_killed_driver_resumes...: kill -9 while the pruning task runs (before
     --out holds anything but the lock file, which the kernel has released), and while the baselines are measured;
