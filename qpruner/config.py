@@ -148,8 +148,6 @@ class QuantConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     int8_threshold: float = 6.0  # LLM.int8 outlier threshold for 8-bit layers; 0 = every input column int8
-    quantize_embeddings: bool = False
-    quantize_lm_head: bool = False
 
     def validate(self, path: str) -> None:
         if not self.bits:

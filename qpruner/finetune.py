@@ -48,7 +48,6 @@ class FinetuneResult:
     steps: int  # optimizer steps completed
     losses: list[float]  # mean response-token loss of each optimizer step
     seconds: float
-    stopped_early: bool
     validations: list[dict] = field(default_factory=list)  # {"val_logprob", "val_acc"} per report with a validator
 
     @property
@@ -199,15 +198,14 @@ def finetune(
     cfg: Config,
     report: Optional[Callable[[dict], None]] = None,
     validate: Optional[Callable[[], dict]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
     progress: bool = False,
 ) -> FinetuneResult:
     """Train the model's trainable (LoRA) parameters on `cfg.finetune.data` for `finetune.steps` optimizer steps.
 
     Every `report_every` steps: validate() (if given; qpruner.evaluate.make_validator gives val_logprob and
     val_acc), then report(step, train_loss, val_logprob, val_acc), where train_loss is the mean over those
-    steps; stops early when should_stop() says so. NaN/inf loss
-    raises TrainingDiverged. Leaves the model in eval mode.
+    steps (ASHA stops a trial from outside, between reports). NaN/inf loss raises TrainingDiverged. Leaves the
+    model in eval mode.
     """
     fcfg = cfg.finetune
     params = [p for p in model.parameters() if p.requires_grad]
@@ -224,7 +222,6 @@ def finetune(
     batches = micro_batches(len(examples), fcfg.batch_size, fcfg.micro_batch_size, fcfg.seed)
     losses: list[float] = []
     validations: list[dict] = []
-    stopped_early = False
     started = time.perf_counter()
     model.train()
     with tqdm(total=fcfg.steps, desc="fine-tune", unit="step", disable=not progress) as bar:
@@ -250,11 +247,8 @@ def finetune(
                 model.train()  # lm-eval switches the model to eval mode
             if report is not None:
                 report(metrics)
-            if should_stop is not None and should_stop() and done < fcfg.steps:
-                stopped_early = True
-                break
     model.eval()
-    return FinetuneResult(len(losses), losses, time.perf_counter() - started, stopped_early, validations)
+    return FinetuneResult(len(losses), losses, time.perf_counter() - started, validations)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, chunks: list[dict], device) -> float:

@@ -75,8 +75,6 @@ def quantize_model(model, bits: Sequence[int], qcfg: QuantConfig, residual_weigh
 
     from qpruner.standalone import quantize_layers
 
-    if qcfg.quantize_embeddings or qcfg.quantize_lm_head:
-        raise QPrunerError("quant.quantize_embeddings / quant.quantize_lm_head: not supported yet; set them to false")
     bits = validate_bits(bits, len(model.model.layers), ALLOWED_BITS)
     for name, init in (residual_weights or {}).items():
         linear = model.get_submodule(name)

@@ -172,7 +172,7 @@ FIELDS = [
     ({"quant": {"quant_type": "int4"}}, "quant.quant_type"),
     ({"quant": {"compute_dtype": "fp64"}}, "quant.compute_dtype"),
     ({"quant": {"int8_threshold": -1}}, "quant.int8_threshold"),
-    ({"quant": {"quantize_embeddings": "no"}}, "quant.quantize_embeddings"),
+    ({"quant": {"quantize_embeddings": True}}, "quant.quantize_embeddings"),  # no such key (was a stub)
     ({"lora": {"rank": 0}}, "lora.rank"),
     ({"lora": {"rank": -1}}, "lora.rank"),
     ({"lora": {"rank": "eight"}}, "lora.rank"),

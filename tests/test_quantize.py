@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qpruner.plan import resolved_config
-from qpruner.errors import QPrunerError
+from qpruner.errors import ConfigError, QPrunerError
 from qpruner.loftq import loftq_for_model, quant_dequant
 from qpruner.quantize import lora_config_for, parse_bits, quantize_model, validate_bits
 
@@ -141,10 +141,11 @@ def test_peft_wraps_bnb_layers_with_its_bnb_lora_classes_and_mixed_bits_train_on
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n and bits[int(n.split("layers.")[1].split(".")[0])] < 16)
 
 
-def test_unsupported_embedding_quantization_is_one_line():
-    cfg = resolved_config({"quant": {"quantize_lm_head": True}})
-    with pytest.raises(QPrunerError, match="quant.quantize_embeddings / quant.quantize_lm_head"):
-        quantize_model(irregular_llama(), [4] * 6, cfg.quant)
+def test_embedding_quantization_flags_are_gone_and_a_wrong_bit_count_is_one_line():
+    """quant.quantize_embeddings / quantize_lm_head were accepted and then failed every trial: they are no
+    longer config keys, so a config naming one is refused at once."""
+    with pytest.raises(ConfigError, match="quant.quantize_lm_head"):
+        resolved_config({"quant": {"quantize_lm_head": True}})
     with pytest.raises(QPrunerError, match="bits: got 2 entries"):
         quantize_model(irregular_llama(), [4, 8], resolved_config({}).quant)
 
