@@ -113,12 +113,20 @@ class RunLock:
             if entry.name == LOCK and not holds_lock:
                 continue
             if entry.name not in self.existing:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                remove(entry, strict=False)
         if LOCK in self.existing and holds_lock:
             (self.out / LOCK).unlink(missing_ok=True)  # a killed driver's leftover: stale, not the run's
+
+
+def remove(entry: Path, strict: bool = True) -> None:
+    """Delete a run folder's entry: a folder with its contents, anything else (a file, a link) alone; errors
+    pass silently unless `strict`."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=not strict)
+    elif strict:
+        entry.unlink()
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _read_text(path: Path) -> str:

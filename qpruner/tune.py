@@ -28,9 +28,9 @@ from qpruner.results import ADAPTERS, RecordedFailure, adapter_path, killed_tria
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
-VALIDATION_RECORD = "validation.json"
+VALIDATION_RECORD = "validation.json"  # where each task's quick validation reads (the report says so)
 # results.parquet's error of a trial the run's end stopped before it finished: a failure, which a resume retries
-INTERRUPTED = "interrupted before it finished (Ctrl-C or a signal stopped the run); --resume runs it again"  # where each task's quick validation reads (the report says so)
+INTERRUPTED = "interrupted before it finished (Ctrl-C or a signal stopped the run); --resume runs it again"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,16 +220,12 @@ def check_recorded_config(out: Path, plan: RunPlan) -> None:
 def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> None:
     """Start a fresh output folder: the run key and the user's recipe `cfg` (to recognise it later, and refuse a
     --resume with other settings) and the resolved config (local paths absolute: report and export read it)."""
-    from qpruner.runfolder import LOCK
+    from qpruner.runfolder import LOCK, remove
 
     if overwrite and out.exists():
-        for entry in out.iterdir():  # the lock file stays: this driver holds it
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        for entry in out.iterdir():
+            if entry.name != LOCK:  # the lock file stays: this driver holds it
+                remove(entry)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", lambda f: f.write(yaml.safe_dump(resolved.to_dict(), sort_keys=False)), mode="w")
     write_json_atomic({"run_key": run_key(cfg), "created": time.time(), "config": cfg.to_dict()}, out / "run.json")
