@@ -33,8 +33,8 @@ def main() -> None:
     import torch
 
     from qpruner.config import default_cache_dir
-    from qpruner.plan import resolved_config
     from qpruner.model import load_model
+    from qpruner.plan import resolved_config
     from qpruner.prune import load_pruned, prune_cached
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def main() -> None:
         return {"wikitext2_ppl": wikitext_ppl(model, ids, args.window, args.chunks),
                 "zero_shot": zero_shot(model, tok, inputs["files"], args.limit, cache=cache)}
 
-    cells.run("dense", lambda: {"method": "dense", "sparsity": 0, **measure(dense)})
+    cells.run("dense", lambda model=dense: {"method": "dense", "sparsity": 0, **measure(model)})
     del dense
 
     def pruned(method, sparsity) -> dict:
@@ -70,7 +70,7 @@ def main() -> None:
 
     for sparsity in SPARSITIES:
         for method in METHODS:
-            cells.run(f"{method}@{sparsity}", lambda: pruned(method, sparsity))
+            cells.run(f"{method}@{sparsity}", lambda method=method, sparsity=sparsity: pruned(method, sparsity))
     cells.save(complete=True)
 
 

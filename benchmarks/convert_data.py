@@ -158,8 +158,8 @@ def convert(out: Path, tasks=TASKS) -> dict[str, str]:
 
 def check(files: dict[str, str]) -> None:
     """Load every file through qpruner's derived lm-eval tasks and print the first doc as lm-eval sees it."""
-    from qpruner.plan import resolved_config
     from qpruner.evaluate import load_tasks, resolve_tasks
+    from qpruner.plan import resolved_config
 
     cfg = resolved_config({"eval": {"tasks": list(files), "local_data": files}})
     loaded = load_tasks(*map(tuple, resolve_tasks(cfg.eval)))

@@ -325,12 +325,12 @@ def run_model(name: str, cells, args, work: Path) -> None:
         key = f"{name} {label}"
         if cells.get(f"{key} trial") is not None and not (adapter / "adapter_config.json").is_file():
             cells.payload["cells"].pop(f"{key} trial")  # the adapter is gone: train again
-        trial = cells.run(f"{key} trial", lambda: trial_cell(cfg, pruned.path, bits, adapter, pieces, prompts))
+        trial = cells.run(f"{key} trial", lambda bits=bits, adapter=adapter: trial_cell(cfg, pruned.path, bits, adapter, pieces, prompts))
         trial = {**trial, "name": f"{name}-{label.replace('/', '_')}"}
         embeddings = ("q8_0", "f16") if label == "uniform-4" else ("q8_0",)
-        cells.run(f"{key} gguf", lambda: measure_cell(cfg, pruned.path, adapter, trial, pieces, prompts, work,
-                                                      args.threads, accuracy=not args.no_accuracy, embeddings=embeddings))
-        cells.run(f"{key} q4 types", lambda: q4_cell(cfg, pruned.path, adapter, trial, pieces, work, args.threads))
+        cells.run(f"{key} gguf", lambda adapter=adapter, trial=trial, embeddings=embeddings: measure_cell(
+            cfg, pruned.path, adapter, trial, pieces, prompts, work, args.threads, accuracy=not args.no_accuracy, embeddings=embeddings))
+        cells.run(f"{key} q4 types", lambda adapter=adapter, trial=trial: q4_cell(cfg, pruned.path, adapter, trial, pieces, work, args.threads))
 
 
 def summary(path: Path) -> str:

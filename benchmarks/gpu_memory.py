@@ -59,9 +59,8 @@ def meta_peft_llama(shapes: list[dict], lora):
 
 def build(shapes: list[dict], folder) -> None:
     """Write a random-weight pruned model folder that qpruner.standalone can load."""
-    from transformers import LlamaConfig
-
     from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
     config = LlamaConfig(**LLAMA_7B, tie_word_embeddings=False)
     config.qpruner_layers = shapes

@@ -73,8 +73,8 @@ def llama7b_memory(ratio: float, patterns: dict[str, list[int]]) -> dict:
     """Weights and estimated fine-tuning peak (micro batch 4 x 256, bf16, LoRA r=8) of each pattern on
     LLaMA-7B pruned like the paper (layers 4..30); a tiny pattern is stretched over 32 layers by depth."""
     from benchmarks.gpu_memory import meta_peft_llama, pruned_shapes
-    from qpruner.plan import resolved_config
     from qpruner.memory import finetune_peak_estimate, lora_bytes, weight_bytes
+    from qpruner.plan import resolved_config
 
     cfg = resolved_config({"quant": {"compute_dtype": "bfloat16"}, "lora": {"dropout": 0.05},
                             "finetune": {"micro_batch_size": 4, "max_length": 256}})

@@ -22,8 +22,8 @@ from benchmarks.common import fresh_cache, mean_std, run_search, tiny_recipe, wr
 
 def pruning(work: Path, seeds: list[int]) -> dict:
     from qpruner.builtin import ensure_tiny
-    from qpruner.plan import resolved_config
     from qpruner.evaluate import evaluate_model, perplexity
+    from qpruner.plan import resolved_config
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import run_trial
 

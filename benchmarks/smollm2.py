@@ -86,7 +86,8 @@ class Cells:
             return {k: v for k, v in value.items() if k not in self.FREE} if isinstance(value, dict) else value
 
         for key, value in header.items():
-            if key in old and key != "data" and fixed(json.loads(json.dumps(old[key])), key) != fixed(json.loads(json.dumps(value, default=str)), key):
+            if (key in old and key != "data"
+                    and fixed(json.loads(json.dumps(old[key])), key) != fixed(json.loads(json.dumps(value, default=str)), key)):
                 sys.exit(f"{self.path} holds cells measured with other {key} ({old[key]}); rerun with those settings "
                          f"or move the file away to start afresh")
 
@@ -156,8 +157,8 @@ def wikitext_ppl(model, ids, window: int = 512, chunks: int = 40) -> float:
 def zero_shot(model, tokenizer, files: dict, limit: int, batch_size: int = 16, cache: Optional[Path] = None) -> dict:
     """lm-eval's seven tasks on the local rows, first `limit` documents each: per task acc, acc_norm, their
     standard errors and n; `mean` is the papers' metric averaged (acc_norm for HellaSwag, ARC, OBQA, PIQA)."""
-    from qpruner.plan import resolved_config
     from qpruner.evaluate import load_tasks, mean_acc, resolve_tasks, run_tasks, wrap_model
+    from qpruner.plan import resolved_config
 
     cfg = resolved_config({"eval": {"tasks": list(TASKS), "local_data": {t: files[t] for t in TASKS},
                                      "limit": limit, "batch_size": batch_size},

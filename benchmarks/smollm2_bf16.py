@@ -231,7 +231,7 @@ def main() -> None:
     study.cells.run("interleaved steps", lambda: interleaved_steps(study, path, n, args.rounds))
     study.cells.run("interleaved evaluation", lambda: interleaved_eval(study, path, n, 2, args.eval_docs))
     for arm in args.arms.split(","):
-        study.cells.run(arm, lambda: arm_trial(study, path, n, arm))
+        study.cells.run(arm, lambda arm=arm: arm_trial(study, path, n, arm))
         study.cells.save(verdict=verdict(study.cells.payload["cells"]))
     study.cells.save(wanted=["interleaved steps", "interleaved evaluation", *ARMS], verdict=verdict(study.cells.payload["cells"]))
     print(study.cells.payload.get("verdict"), flush=True)

@@ -49,9 +49,9 @@ def main() -> None:
     gguf, data = smollm2_gguf(), shared_data()
 
     from qpruner.builtin import ensure_tiny
-    from qpruner.plan import resolved_config
     from qpruner.export import export_trial
     from qpruner.model import gguf_folder
+    from qpruner.plan import resolved_config
     from qpruner.prune import load_pruned, prune_cached
     from qpruner.trial import run_trial
 

@@ -44,10 +44,21 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.smollm2 import MODEL, ORIGIN, TASKS, Cells, data_files, paper_mean_stderr, real_inputs, recipe, stderr, \
-    tokenized_wikitext, wikitext_ppl, zero_shot
+from benchmarks.smollm2 import (
+    MODEL,
+    ORIGIN,
+    TASKS,
+    Cells,
+    data_files,
+    paper_mean_stderr,
+    real_inputs,
+    recipe,
+    stderr,
+    tokenized_wikitext,
+    wikitext_ppl,
+    zero_shot,
+)
 from qpruner.prune import pruned_layer_count
-
 
 DTYPES = ("float32", "bfloat16")
 
@@ -156,9 +167,9 @@ class Study:
 
 def mi_first_mixed(study: Study, pruned, method: str = "mi") -> tuple[list[float], list[int]]:
     """The pruned model's layer importance and the search's first importance-drawn (non-anchor) configuration."""
-    from qpruner.plan import resolved_config
     from qpruner.importance import pruned_importance
     from qpruner.memory import shapes_from_config, weight_bytes
+    from qpruner.plan import resolved_config
     from qpruner.search import initial_configs
 
     cfg = resolved_config(study.raw(search={"importance": method}, quant={"bits": [4, 8]}))
@@ -254,7 +265,7 @@ def table1(args, cache: Path) -> None:
         done = {tuple(v["bits"]): {**v, "copied_from": f"{cells.path.name}: {k}"} for k, v in cells.payload["cells"].items()
                 if isinstance(v, dict) and "bits" in v and "tasks" in v and "copied_from" not in v}
         for name, bits in search["picks"].items():
-            cells.run(name, lambda: done.get(tuple(bits)) or study.trial(path, bits))
+            cells.run(name, lambda bits=bits: done.get(tuple(bits)) or study.trial(path, bits))
     cells.save(complete=True)
 
 
@@ -268,14 +279,17 @@ def ablations(args, cache: Path) -> None:
             "NF4, plain LoRA (no LoftQ)": {"lora": {"loftq_iters": 0}}, "NF4, LoftQ 4 iters": {"lora": {"loftq_iters": 4}}}
     table1 = {"NF4, LoftQ 1 iter": "QPruner-1 (uniform 4-bit LoftQ)", "first configuration of mi": "QPruner-2 (MI-initialised mixed 4/8)"}
     for name, sections in arms.items():
-        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n, pruned=pruned.key)
-                        or {"settings": sections, **study.trial(path, [4] * n, **sections)})
+        study.cells.run(name, lambda name=name, sections=sections: (
+            measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=[4] * n, pruned=pruned.key)
+            or {"settings": sections, **study.trial(path, [4] * n, **sections)}))
     for method in ("mi", "quant_loss", "taylor"):
-        imp = study.cells.run(f"importance: {method}", lambda: (method == "mi" and measured_elsewhere(study, TABLE1_20, "importance: mi", "mi importance", pruned=pruned.key))
-                              or dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method))))
+        imp = study.cells.run(f"importance: {method}", lambda method=method: (
+            (method == "mi" and measured_elsewhere(study, TABLE1_20, "importance: mi", "mi importance", pruned=pruned.key))
+            or dict(zip(("importance", "first_mixed"), mi_first_mixed(study, pruned, method)))))
         name = f"first configuration of {method}"
-        study.cells.run(name, lambda: measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"], pruned=pruned.key)
-                        or study.trial(path, imp["first_mixed"]))
+        study.cells.run(name, lambda name=name, imp=imp: (
+            measured_elsewhere(study, TABLE1_20, name, table1.get(name), bits=imp["first_mixed"], pruned=pruned.key)
+            or study.trial(path, imp["first_mixed"])))
     study.cells.save(complete=True)
 
 
@@ -294,7 +308,7 @@ def pruners(args, cache: Path) -> None:
         prune = arms[name]
         pruned = study.prune(ratio=0.2, **prune)
 
-        def before():
+        def before(pruned=pruned):
             model, tok = load_pruned(pruned.path)
             return {"params_after": pruned.params_after, "prune_seconds": pruned.seconds, **study.zero_shot_row(model, tok)}
 
@@ -302,8 +316,9 @@ def pruners(args, cache: Path) -> None:
         if not args.no_recovery:
             bits = [4] * pruned_layer_count(pruned.path)
             after = f"{name}: after recovery (uniform 4-bit LoftQ)"
-            study.cells.run(after, lambda: (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=pruned.key))
-                            or study.trial(str(pruned.path), bits))
+            study.cells.run(after, lambda name=name, after=after, bits=bits, pruned=pruned: (
+                (name == "taylor" and measured_elsewhere(study, TABLE1_20, after, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=pruned.key))
+                or study.trial(str(pruned.path), bits)))
     wanted = [f"{a}: before recovery" for a in arms] + ([] if args.no_recovery else [f"{a}: after recovery (uniform 4-bit LoftQ)" for a in arms])
     study.cells.save(wanted=wanted)  # complete once every arm's cells are in, whichever process stored them
 
@@ -387,10 +402,10 @@ def grouped_pruned(study: Study) -> tuple[Path, str]:
         sys.exit(f"{study.cells.path} was measured on pruned model {stored['path']}, which is not in {study.cache / 'pruned'}, "
                  f"and the current code prunes to {pruned.key}; restore that folder or move the file away to start afresh")
     meta = json.loads((Path(pruned.path) / "qpruner_prune.json").read_text())
+    layers = json.loads((Path(pruned.path) / "config.json").read_text())["qpruner_layers"]
     study.cells.run("pruned", lambda: {"path": pruned.key, "params_before": pruned.params_before, "params_after": pruned.params_after,
                                        "overall_ratio": pruned.overall_ratio, "prune_seconds": pruned.seconds,
-                                       "prune_settings": meta.get("prune"), "mlp_widths": [
-                                           s["intermediate_size"] for s in json.loads((Path(pruned.path) / "config.json").read_text())["qpruner_layers"]]})
+                                       "prune_settings": meta.get("prune"), "mlp_widths": [s["intermediate_size"] for s in layers]})
     return Path(pruned.path), pruned.key
 
 
@@ -413,7 +428,7 @@ def grouped(args, cache: Path) -> None:
             continue
         bits = expand_groups(g, n)
 
-        def one():
+        def one(name=name, bits=bits, g=g):
             reused = measured_elsewhere(study, TABLE1_20, name, "QPruner-1 (uniform 4-bit LoftQ)", bits=bits, pruned=key) \
                 if set(g) == {4} else None
             if reused and reused.get("history"):  # identical settings, dtype and model, and the reports ASHA needs

@@ -15,7 +15,7 @@ import os
 import time
 
 from benchmarks.common import write_result
-from benchmarks.smollm2 import ORIGIN, TASKS, data_files, real_inputs, zero_shot
+from benchmarks.smollm2 import ORIGIN, data_files, real_inputs, zero_shot
 
 
 def main() -> int:

@@ -155,7 +155,7 @@ def smollm2_tables() -> str:
             out += [f"Table 1 at {ratio}%: not run yet.", ""]
             continue
         pruned = r["cells"].get("pruned") or {}
-        count = lambda k: f"{pruned[k]:,}" if k in pruned else "?"  # noqa: E731
+        count = lambda k, pruned=pruned: f"{pruned[k]:,}" if k in pruned else "?"  # noqa: E731
         out += [f"**Table 1, {ratio}% pruned** ({count('params_after')} parameters left of {count('params_before')}; "
                 f"{budget(r)})", "", *zero_shot_table(r["cells"])]
         if "search" in r["cells"]:

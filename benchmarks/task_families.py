@@ -72,8 +72,7 @@ def write(path: Path, rows: list[dict]) -> str:
 
 def try_family(family: str, task: str, rows, root: Path, model, tokenizer) -> dict:
     from qpruner.config import config_from_dict
-    from qpruner.evaluate import (VALIDATED_TYPES, evaluate_model, gold_requests, leaves_of, load_tasks, resolve_tasks,
-                                  stock_task_config)
+    from qpruner.evaluate import VALIDATED_TYPES, evaluate_model, gold_requests, leaves_of, load_tasks, resolve_tasks, stock_task_config
 
     if isinstance(rows, dict):
         location = str(root / task)
@@ -93,8 +92,10 @@ def try_family(family: str, task: str, rows, root: Path, model, tokenizer) -> di
     gold = sum(len(gold_requests(loaded["tasks"][leaf], 2)[0]) for leaf in leaves if loaded["tasks"][leaf].OUTPUT_TYPE in VALIDATED_TYPES)
     score = ev["tasks"][task]
     _, stock = stock_task_config(leaves[0], "eval.tasks")
-    return {"family": family, "task": task, "group": task in loaded.get("groups", {}), "subtasks": leaves if len(leaves) > 1 or leaves != [task] else [],
-            "dataset": stock["dataset_path"], "split": stock.get("test_split") or stock.get("validation_split"), "schema": schema, "output_type": types, "n_docs": score["n_docs"], "acc": score["acc"], "ppl": ev["task_ppl"].get(task),
+    return {"family": family, "task": task, "group": task in loaded.get("groups", {}),
+            "subtasks": leaves if len(leaves) > 1 or leaves != [task] else [],
+            "dataset": stock["dataset_path"], "split": stock.get("test_split") or stock.get("validation_split"), "schema": schema,
+            "output_type": types, "n_docs": score["n_docs"], "acc": score["acc"], "ppl": ev["task_ppl"].get(task),
             "gold_requests": gold, "seconds": round(time.perf_counter() - started, 2)}
 
 

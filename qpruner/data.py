@@ -41,7 +41,8 @@ def _read_source(ccfg: CalibrationConfig, cache_dir: Optional[Path]) -> list[str
     if path.is_file():
         if path.suffix == ".txt":
             return path.read_text().splitlines()
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.suffix == ".jsonl" else json.loads(path.read_text())
+        text = path.read_text()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
         return [str(r.get(ccfg.text_field, "")) for r in rows if isinstance(r, dict)]
     return _hub_texts(ccfg)
 

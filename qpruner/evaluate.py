@@ -31,12 +31,15 @@ import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
 from lm_eval.tasks import TaskManager
+
+if TYPE_CHECKING:  # annotations only: importing it at run time pulls in most of transformers (~2 s)
+    from lm_eval.models.huggingface import HFLM
 
 from qpruner.config import Config, EvalConfig
 from qpruner.errors import ConfigError
@@ -775,7 +778,7 @@ def gold_requests(task, limit: int) -> tuple[list, list[int]]:
     for inst in task.instances:
         by_doc.setdefault(inst.doc_id, []).append(inst)
     instances, golds = [], []
-    for doc_id, group in by_doc.items():
+    for group in by_doc.values():
         n = len(task.doc_to_choice(group[0].doc)) if task.OUTPUT_TYPE == "multiple_choice" else 1
         instances += group[:n]
         golds += [gold_index(task, group[0].doc)] * len(group[:n])
@@ -794,13 +797,13 @@ def gold_index(task, doc: dict) -> int:
     return int(gold)
 
 
-def gold_scores(lm: "HFLM", instances: list, golds: list[int]) -> tuple[float, float]:
+def gold_scores(lm: HFLM, instances: list, golds: list[int]) -> tuple[float, float]:
     """(mean gold log-probability, accuracy) of one task's requests under the current weights."""
     logps, hits = gold_doc_scores(lm, instances, golds)
     return float(np.mean(logps)), float(np.mean(hits))
 
 
-def gold_doc_scores(lm: "HFLM", instances: list, golds: list[int]) -> tuple[list[float], list[float]]:
+def gold_doc_scores(lm: HFLM, instances: list, golds: list[int]) -> tuple[list[float], list[float]]:
     """Per document: (gold log-probability, 1.0 if the argmax choice is gold) under the current weights."""
     with eval_mode(lm.model), quiet_lm_eval(), torch.no_grad():
         results = lm.loglikelihood(instances, disable_tqdm=True)
@@ -896,7 +899,7 @@ def perplexity_of(score: Mapping[str, Optional[float]]) -> Optional[float]:
     return None
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> "HFLM":
+def wrap_model(model: torch.nn.Module, tokenizer, batch_size: int) -> HFLM:
     """lm-eval's HFLM around the in-memory model (a PeftModel works as is): nothing is saved to disk.
     Perplexity requests (loglikelihood_rolling) are scored in bounded memory (`rolling_loglikelihoods`)."""
     with eval_mode(model), quiet_lm_eval(level=logging.ERROR):  # it warns that a model object was passed: intended
@@ -919,7 +922,7 @@ def _bounded_hflm() -> type:
     return BoundedHFLM
 
 
-def run_tasks(lm: "HFLM", task_dict: dict, limit: Optional[int] = None, stderr: bool = False,
+def run_tasks(lm: HFLM, task_dict: dict, limit: Optional[int] = None, stderr: bool = False,
               skip: Optional[Mapping[str, int]] = None) -> dict[str, dict]:
     """Run lm-eval on already-loaded tasks in eval mode (restoring the model's mode): {task: {"acc", "acc_norm", ...}}.
 
@@ -1100,7 +1103,7 @@ HEAD_CHUNK_ELEMENTS = 1 << 22  # logits alive at once while scoring a window: 16
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # logits that are not lm_head(hidden)
 
 
-def rolling_loglikelihoods(lm: "HFLM", strings: Sequence[str], batch_size: int) -> list[float]:
+def rolling_loglikelihoods(lm: HFLM, strings: Sequence[str], batch_size: int) -> list[float]:
     """The summed token log-likelihood of each string as lm-eval's loglikelihood_rolling defines it (its own
     disjoint windows of the model's context `lm.max_length`, every token predicted once, the first from the
     prefix token), in memory set by the window and the batch size, never by the page length:
@@ -1134,7 +1137,7 @@ def rolling_loglikelihoods(lm: "HFLM", strings: Sequence[str], batch_size: int) 
     return totals
 
 
-def _score_windows(lm: "HFLM", split, batch: list[tuple[int, list[int], list[int]]], totals: list[float]) -> None:
+def _score_windows(lm: HFLM, split, batch: list[tuple[int, list[int], list[int]]], totals: list[float]) -> None:
     """Add each window's continuation log-likelihood to totals[its page]. Rows are right-padded without an
     attention mask, as lm-eval's HFLM does: causal attention never lets a position see the padding after it."""
     width = max(len(inputs) for _, inputs, _ in batch)
@@ -1161,7 +1164,7 @@ def _score_windows(lm: "HFLM", split, batch: list[tuple[int, list[int], list[int
     del states
 
 
-def _decoder_and_head(lm: "HFLM"):
+def _decoder_and_head(lm: HFLM):
     """(decoder, output layer) whose composition gives the model's logits, checked on 8 tokens once per
     wrapped model; None (use the full forward) when the model is not split that way."""
     cached = getattr(lm, "_qpruner_split", False)

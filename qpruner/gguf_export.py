@@ -453,7 +453,8 @@ def write_gguf(model_dir: str | Path, bits: Sequence[int], out: str | Path, embe
                 q, k = rope_permute(q, head_dim), rope_permute(k, head_dim)
                 biases = {x: get(p + f"self_attn.{x}_proj.bias") for x in "qkv" if p + f"self_attn.{x}_proj.bias" in keys}
             elif i == 0:  # llama.cpp sizes heads from layer 0's head count: one zero group, which adds 0
-                n_kv, n_head = 1, max(1, int(config["num_attention_heads"]) // int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+                heads = int(config["num_attention_heads"])
+                n_kv, n_head = 1, max(1, heads // int(config.get("num_key_value_heads") or heads))
                 q, o = np.zeros((n_head * head_dim, hidden), np.float32), np.zeros((hidden, n_head * head_dim), np.float32)
                 k = v = np.zeros((head_dim, hidden), np.float32)
                 biases = {}
@@ -577,8 +578,15 @@ def load_gguf_weights(model, path: str | Path) -> None:
 
 def describe(summary: GGUFSummary) -> str:
     """A short human summary of a written file."""
+    short = {"Q4_0": "q4", "Q8_0": "q8", "F16": "f16", "Q4_K": "q4k", "Q4_1": "q4_1", "IQ4_NL": "iq4nl"}
+
+    def brief(types: str) -> str:
+        for name, abbrev in short.items():
+            types = types.replace(name, abbrev)
+        return types
+
     lines = [f"{summary.path} ({summary.file_bytes / 1e6:.1f} MB, architecture deci): layer types "
-             f"{','.join(t.replace('Q4_0', 'q4').replace('Q8_0', 'q8').replace('F16', 'f16').replace('Q4_K', 'q4k').replace('Q4_1', 'q4_1').replace('IQ4_NL', 'iq4nl') for t in summary.layer_types)}; "
+             f"{','.join(brief(t) for t in summary.layer_types)}; "
              f"tensors {dict(sorted(summary.tensor_types.items()))}; tokenizer {summary.tokenizer}"]
     if summary.padded_ff:
         lines.append("feed-forward widths padded with zero channels to the block size: "

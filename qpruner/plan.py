@@ -110,8 +110,7 @@ def preflight(cfg: Config) -> TaskPlan:
     Offline (the CLI default) an unreachable input is one line naming the field within seconds, not a
     failure minutes into a search. Returns the resolved tasks."""
     from qpruner.data import calibration_texts
-    from qpruner.evaluate import check_eval_inputs, check_hub_data, load_tasks, resolve_tasks, validated_tasks, \
-        validation_tasks
+    from qpruner.evaluate import check_eval_inputs, check_hub_data, load_tasks, resolve_tasks, validated_tasks, validation_tasks
     from qpruner.finetune import load_alpaca
     from qpruner.model import check_model
 
@@ -145,8 +144,15 @@ def local_data_error(cfg: Config, exc: ConfigError) -> ConfigError:
 
 def plan_tasks(cfg: Config) -> TaskPlan:
     """The evaluation tasks, their validation twins and held-out documents, resolved once."""
-    from qpruner.evaluate import check_eval_inputs, held_out_docs, held_out_warnings, resolve_tasks, validation_limits, \
-        validation_plan, validation_tasks
+    from qpruner.evaluate import (
+        check_eval_inputs,
+        held_out_docs,
+        held_out_warnings,
+        resolve_tasks,
+        validation_limits,
+        validation_plan,
+        validation_tasks,
+    )
 
     check_eval_inputs(cfg)
     names, paths = resolve_tasks(cfg.eval, cfg.output.cache)

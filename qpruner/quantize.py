@@ -1,7 +1,7 @@
 """Per-layer mixed precision with real bitsandbytes modules: 4 -> NF4/FP4 Linear4bit, 8 -> LLM.int8
 Linear8bitLt (row-wise int8 weights, outlier threshold quant.int8_threshold, default 6.0; see
-qpruner.standalone._int8_module for why it runs the same numerics in training and evaluation), 16 -> the compute dtype. Embeddings, norms and lm_head stay
-unquantized.
+qpruner.standalone._int8_module for why it runs the same numerics in training and evaluation), 16 -> the compute dtype.
+Embeddings, norms and lm_head stay unquantized.
 
 The module swap itself lives in `qpruner.standalone.quantize_layers`, the file copied beside every
 exported model, so a trial and an exported model hold bit-identical base weights. bitsandbytes

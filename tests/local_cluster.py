@@ -78,7 +78,8 @@ class LocalCluster:
         subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
         shutil.copy(self.head_home / ".ray" / "auth_token", self.token)
         self._start("head", [RAY, "start", "--head", "--num-cpus", "0", "--port", str(self.port),
-                             "--temp-dir", str(self.head_home / "ray"), "--include-dashboard", "false", *self._common()], self.env(self.head_home, node=True))
+                             "--temp-dir", str(self.head_home / "ray"), "--include-dashboard", "false", *self._common()],
+                    self.env(self.head_home, node=True))
 
     def add_worker(self, name: str, cpus: int = 1, private_shared: bool = False) -> None:
         home = self.nodes / name

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
-from qpruner.model import load_model
 from qpruner.evaluate import perplexity
+from qpruner.model import load_model
+from qpruner.plan import resolved_config
 from qpruner.prune import load_pruned, prune_cached
 from qpruner.prune.apt import apt_prune, set_update
 from qpruner.prune.slimgpt import DAMP

@@ -254,7 +254,7 @@ for i, (override, words) in enumerate(FIELDS):
     if i % 3 == 0:
         ROWS.append((f"trial-{name}-{i}", "trial", TRIAL, override, None, words))
         ROWS.append((f"prune-{name}-{i}", "prune", PRUNE, override, None, words))
-for kind, data, words in FILES:
+for kind, _data, words in FILES:
     for verb, argv in (("tune", TUNE), ("trial", TRIAL), ("prune", PRUNE)):
         ROWS.append((f"{verb}-config-{kind}", verb, argv, None, f"config:{kind}", words))
 for verb, argv in (("tune", TUNE), ("trial", TRIAL), ("prune", PRUNE)):

@@ -31,8 +31,8 @@ def test_second_call_uses_the_cache(tiny_assets):
 
 def test_test_and_validation_docs_are_disjoint(tiny_assets):
     for task in tiny_assets.test_tasks:
-        test = {json.loads(l)["name"] for l in (tiny_assets.tasks_dir / f"{task}_test.jsonl").read_text().splitlines()}
-        val = {json.loads(l)["name"] for l in (tiny_assets.tasks_dir / f"{task}_validation.jsonl").read_text().splitlines()}
+        test = {json.loads(line)["name"] for line in (tiny_assets.tasks_dir / f"{task}_test.jsonl").read_text().splitlines()}
+        val = {json.loads(line)["name"] for line in (tiny_assets.tasks_dir / f"{task}_validation.jsonl").read_text().splitlines()}
         assert len(test) >= 100 and len(val) >= 40 and not test & val
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
+from qpruner.plan import resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -231,7 +231,7 @@ def save_pickled(model, folder: Path) -> None:
 
 
 def test_unsupported_models_are_refused_in_one_line(tmp_path, cache, tiny_assets):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
     from qpruner.model import check_model
 

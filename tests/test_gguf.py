@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
+from qpruner.plan import resolved_config
 
 
 def test_missing_gguf_file_is_one_line(tmp_path):

@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qpruner.plan import resolved_config
 from qpruner.importance import importance_task
+from qpruner.plan import resolved_config
 
 
 @pytest.mark.parametrize("method", ["mi", "quant_loss", "taylor"])
 def test_layer_importance_methods_on_the_pruned_tiny_model(tiny_assets, method):
-    from qpruner.prune import prune_cached
-
     from qpruner.plan import make_plan
+    from qpruner.prune import prune_cached
 
     cfg = resolved_config({"prune": {"ratio": 0.3}, "search": {"importance": method}})
     plan = make_plan(cfg, Path("unused")).with_pruned(prune_cached(cfg, progress=False).path)  # what the driver hands on

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpruner.plan import resolved_config
 from qpruner.loftq import apply_loftq_adapters, approximation, cache_file, loftq_for_model, loftq_matrix, quant_dequant
+from qpruner.plan import resolved_config
 from qpruner.prune import load_pruned, prune_cached
 from qpruner.quantize import lora_config_for, quantize_model
 

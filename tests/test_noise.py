@@ -29,8 +29,8 @@ def test_known_messages_are_dropped_and_others_kept(no_debug, caplog):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         noise.install()  # catch_warnings restores the filters afterwards; install again inside
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("another deprecation", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another deprecation"]
 
 
@@ -41,7 +41,7 @@ def test_debug_shows_everything(no_debug, caplog, monkeypatch):
         noise.install()
         monkeypatch.setenv(noise.DEBUG_ENV, "1")  # what show_all sets; monkeypatch takes it away afterwards
         noise.show_all()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
     logging.getLogger("lm_eval.api.task").warning(LM_EVAL)
     assert [str(w.message) for w in seen] and [r.getMessage() for r in caplog.records] == [LM_EVAL]
 

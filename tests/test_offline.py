@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from qpruner.config import config_from_dict
-from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError
+from qpruner.plan import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,7 +169,6 @@ def test_unreachable_task_fails_preflight_fast_with_one_line_and_no_out(tmp_path
     (tmp_path / "r.yaml").write_text("eval:\n  tasks: [boolq]\n")
     out = tmp_path / "out"
     started = time.perf_counter()
-    from qpruner.cli import set_offline_defaults  # the child sets these itself; the parent mirrors it for timing
     proc = _cli(["-m", "qpruner.tune", "--config", "r.yaml", "--out", str(out), "--set", "search.num_samples=1"], tmp_path,
                 {"HF_HOME": str(tmp_path / "hf")})  # an empty HF cache: boolq is surely not there
     wall = time.perf_counter() - started
@@ -266,7 +265,7 @@ def test_a_task_without_another_split_holds_its_validation_docs_out_of_the_final
     """arc_easy from local data has no other split: validation reads its first val_limit documents and
     every final evaluation skips them; boolq with eval.val_data keeps all its documents. Fails before:
     validation read the first documents of the test split and the final score counted them again."""
-    from qpruner.evaluate import (evaluate_model, gold_requests, held_out_docs, validated_tasks, validation_plan)
+    from qpruner.evaluate import evaluate_model, gold_requests, held_out_docs, validated_tasks, validation_plan
     from qpruner.model import load_model
 
     rows = [dict(ROWS["arc_easy"][i % 2], id=f"e{i}") for i in range(5)]

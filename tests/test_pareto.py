@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from qpruner.pareto import (
-    compact_bits, front_table, hypervolume, hypervolume_curve, pareto_mask, print_front, reference_point, uniform_baselines,
+    compact_bits,
+    front_table,
+    hypervolume,
+    hypervolume_curve,
+    pareto_mask,
+    print_front,
+    reference_point,
+    uniform_baselines,
     write_results,
 )
 from qpruner.results import FIXED, results_table, write_parquet_atomic
@@ -158,7 +165,8 @@ def sample_records() -> list[dict]:
 
 EXPECTED_FIXED = [
     ("trial_id", "string"), ("status", "string"), ("bits", "list<element: int8>"), ("ranks", "list<element: int16>"),
-    ("accuracy", "double"), ("accuracy_stderr", "double"), ("val_logprob", "double"), ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
+    ("accuracy", "double"), ("accuracy_stderr", "double"), ("val_logprob", "double"), ("val_acc", "double"),
+    ("memory_bytes", "int64"), ("memory_gb", "double"),
     ("memory_source", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),

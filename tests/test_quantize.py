@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from qpruner.plan import resolved_config
 from qpruner.errors import ConfigError, QPrunerError
 from qpruner.loftq import loftq_for_model, quant_dequant
+from qpruner.plan import resolved_config
 from qpruner.quantize import lora_config_for, parse_bits, quantize_model, validate_bits
 
 torch.set_num_threads(1)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from qpruner.errors import ConfigError
-
 from qpruner.plan import resolved_config
 from qpruner.search import (
     bit_probabilities,
@@ -233,8 +232,7 @@ def test_memory_budget_is_a_sampler_constraint_and_an_impossible_one_is_refused(
 
 
 def test_layer_groups_tie_consecutive_layers_and_expand_to_per_layer_bits():
-    from qpruner.search import bits_from_config, config_from_bits, expand, layer_groups, param_space, ranks_from_config, \
-        search_units
+    from qpruner.search import bits_from_config, config_from_bits, expand, layer_groups, param_space, ranks_from_config, search_units
 
     assert layer_groups(30, 5) == [list(range(i, i + 6)) for i in range(0, 30, 6)]
     assert layer_groups(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]  # sizes differ by at most one, earlier runs larger

@@ -223,9 +223,9 @@ def test_intermediate_reports_carry_the_analytic_peak_not_a_pre_training_measure
 def test_memory_objective_weights_and_a_nonpositive_budget():
     """search.memory_objective: weights makes memory the quantized weights alone, in every report;
     max_memory_gb must be positive (one ConfigError naming the field)."""
-    from qpruner.plan import resolved_config
     from qpruner.errors import ConfigError
     from qpruner.memory import MemoryReport
+    from qpruner.plan import resolved_config
     from qpruner.trial import progress_memory
 
     memory = MemoryReport(100, 10, 250, 400, "measured")
