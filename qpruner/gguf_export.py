@@ -11,7 +11,7 @@ the search chose:
                library, which quantizes them)
     bits 8  -> Q8_0 (block 32)
     bits 16 -> F16 (BF16 for a tensor whose values leave F16's range)
-    norms F32; token embeddings and the output matrix per `embeddings` (default Q8_0, see the README)
+    norms F32; token embeddings and the output matrix per `embeddings` (default Q8_0, see docs/serving.md)
 
 How the model's shapes become what deci can express, with no change to what it computes:
 - query/key rows are permuted per head from transformers' rotate-half order to the interleaved pairs
