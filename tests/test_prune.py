@@ -126,7 +126,7 @@ def test_taylor_perplexity_beats_random(heldout_ppl):
 def test_second_order_matches_its_formula(cache):
     """|w*g - 1/2 w^2 F| with g the mean gradient and F the mean of per-sample squared gradients (LLM-Pruner)."""
     from qpruner.model import load_model
-    from qpruner.prune.taylor import _padded, weight_scores
+    from qpruner.prune.taylor import _padded, channel_sums, weight_scores
 
     model, tok = load_model("builtin:tiny", cache_dir=cache)
     batches = [tok(t, return_tensors="pt").input_ids for t in ("the bakof eats fish .", "you find the doziko in the desert .")]
@@ -143,9 +143,9 @@ def test_second_order_matches_its_formula(cache):
     g, fisher = sum(grads) / 2, sum(x * x for x in grads) / 2
     expected = (w.detach() * g - 0.5 * w.detach() ** 2 * fisher).abs()
     scores = weight_scores(model, batches, "second", progress=False)
-    torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(scores[name], channel_sums(name, expected), rtol=1e-4, atol=1e-10)
     first = weight_scores(model, batches, "first", progress=False)
-    torch.testing.assert_close(first[name], (w.detach() * g_batch).abs(), rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(first[name], channel_sums(name, (w.detach() * g_batch).abs()), rtol=1e-4, atol=1e-10)
     assert not torch.equal(first[name], scores[name])
 
 
@@ -273,14 +273,16 @@ def test_slimgpt_structure_and_perplexity_against_taylor(cache, heldout_ppl):
 
 def _one_layer_scores():
     """A 1-layer LLaMA (4 query heads in 2 GQA groups, head_dim 2, hidden 8, MLP 3) with constant
-    per-module scores: q 1, k 2, v 3, o 4, gate 1, up 2, down 5 per weight."""
+    per-module scores: q 1, k 2, v 3, o 4, gate 1, up 2, down 5 per weight, as channel_sums."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qpruner.prune.taylor import channel_sums
 
     config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=3, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=2)
     model = LlamaForCausalLM(config)
     value = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "gate_proj": 1, "up_proj": 2, "down_proj": 5}
-    scores = {n: torch.full_like(p, float(value[n.split(".")[-2]])) for n, p in model.named_parameters()
+    scores = {n: channel_sums(n, torch.full_like(p, float(value[n.split(".")[-2]]))) for n, p in model.named_parameters()
               if n.endswith("proj.weight")}
     return model, scores
 

@@ -3,16 +3,21 @@
 Per weight, first order |w * dL/dw|; second order adds LLM-Pruner's diagonal term,
 |w*g - 1/2 * w^2 * H_kk| with H_kk ~ mean over samples of g^2 (Fisher, as LLM-Pruner's acc_grad / N).
 As in LLM-Pruner, each coupled module's salience is summed per group/channel, then reduced across the
-modules (sum, mean, max, prod or last); groups are ranked within each layer.
+modules (sum, mean, max, prod or last); groups are ranked within each layer. Each gradient is reduced to
+those per-row/per-column sums as soon as autograd writes it, then freed (weight_scores), so pruning needs
+little more memory than the model and one forward's activations.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from qpruner.config import PruneConfig
@@ -116,44 +121,211 @@ def plan_pruning(model: nn.Module, pcfg: PruneConfig) -> Plan:
     return best[1]
 
 
-def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, progress: bool) -> dict[str, torch.Tensor]:
-    """Per-weight Taylor importance for every Linear weight in the decoder layers.
+# Pruning removes rows of these projections (a query/key/value head, an MLP channel) and columns of these.
+COLUMN_PRUNED = ("o_proj", "down_proj")
 
-    `batches` are (1, L) token rows. g is the gradient of the mean LM loss (first order: micro-batches
-    of MICRO_BATCH rows); for `second` the Fisher diagonal is the mean over samples of each sample's
-    squared gradient (one backward per sample, as LLM-Pruner does: acc_grad / N) and g is the mean of
-    those per-sample gradients.
+
+def channel_sums(name: str, salience: torch.Tensor) -> torch.Tensor:
+    """One weight's per-weight salience summed into the units pruning removes: per output row for q/k/v/gate/up,
+    per input column for o_proj/down_proj. Every later use (group scores, layer totals on kept weights) only
+    needs these sums, so no full-size score tensor outlives its gradient."""
+    return salience.sum(0 if name.split(".")[-2] in COLUMN_PRUNED else 1)
+
+
+class LossScale:
+    """Dynamic loss scaling for a float16 backward (bf16/fp32 need none: their exponent range holds LLM
+    gradients): the loss is multiplied by `value` (GradScaler's start, 2**16) so small gradients do not
+    underflow to zero in fp16; each gradient is divided back in float32, and a pass whose gradients
+    overflowed is repeated at half the scale. For other dtypes the scale is 1 and nothing is repeated."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.value = 2.0**16 if dtype == torch.float16 else 1.0
+        self.active = dtype == torch.float16
+
+    def unscale(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient in float32 without the scale; None when an fp16 pass overflowed (inf/nan)."""
+        if not self.active:
+            return grad.float()  # no copy for float32
+        g = grad.float() / self.value
+        return g if bool(torch.isfinite(g).all()) else None
+
+    def backoff(self) -> None:
+        """Halve the scale after an overflow; below 1 fp16 cannot represent these gradients at all."""
+        self.value /= 2
+        if self.value < 1:
+            raise RuntimeError("float16 Taylor gradients overflow even unscaled; load the model in bfloat16 or float32 (model.dtype)")
+
+
+def weight_scores(model: nn.Module, batches: list[torch.Tensor], order: str, progress: bool,
+                  budget_bytes: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Taylor importance of every decoder projection weight, as channel_sums of LLM-Pruner's per-weight salience.
+
+    `batches` are (1, L) token rows. g is the gradient of the mean over micro-batches (MICRO_BATCH rows) of
+    each micro-batch's mean LM loss; for `second` the Fisher diagonal is the mean over samples of each
+    sample's squared gradient (one backward per sample, as LLM-Pruner does: acc_grad / N) and g is the mean
+    of those per-sample gradients. Memory: each gradient is reduced by a post-accumulate-grad hook as soon
+    as autograd has written it, then freed, so the model never sits beside all of its gradients. The
+    salience takes the absolute value after the sum over samples, so the sums must be whole first: the
+    first order does it in one backward through all micro-batches (autograd sums them per weight; decoder
+    layers checkpointed so all rows' activations cost little); the second order keeps float32 g and g^2
+    sums only for a chunk of weights at a time (at most `budget_bytes` together, default a quarter of the
+    decoder weights' bytes) and repeats the per-sample passes per chunk. Backward runs in the model's dtype: bf16/fp32 as is,
+    float16 with dynamic loss scaling (LossScale).
     """
     params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
         p.grad = None
-    second = order == "second"
-    grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} if second else None
     model.eval()
-    steps = [[b] for b in batches] if second else [batches[i : i + MICRO_BATCH] for i in range(0, len(batches), MICRO_BATCH)]
-    for step in tqdm(steps, desc="calibration (Taylor importance)", disable=not progress):
-        model(**_padded(step)).loss.backward()
-        if second:
-            for n, p in params.items():
-                g = p.grad.float()
-                grad_sum[n] += g
-                fisher[n] += g * g
-                p.grad = None
-    scores = {}
-    for n, p in params.items():
-        g = grad_sum[n] if second else p.grad.float()
-        w = p.detach().float()
-        s = w * (g / len(steps))
-        if second:
-            s = s - 0.5 * w * w * (fisher[n] / len(steps))
-        scores[n] = s.abs()
-        p.grad = None
-        p.requires_grad_(False)
+    scale = LossScale(next(iter(params.values())).dtype)
+    try:
+        if order == "second":
+            return _second_order(model, params, batches, scale, progress, budget_bytes)
+        return _first_order(model, params, batches, scale, progress)
+    finally:
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def _micro_batch_loss(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over micro-batches of MICRO_BATCH rows of each one's mean next-token loss, from ONE forward of
+    all rows: the same gradient as a backward per micro-batch summed and divided by their number, but one
+    graph, so each weight's gradient is complete when autograd accumulates it (once). The decoder layers are
+    checkpointed, so the rows' activations cost about one layer's worth plus every layer's input."""
+    inputs = _padded(batches)
+    with _checkpointed_layers(model):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+    labels = inputs["labels"][:, 1:]
+    token_loss = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                             reduction="none")
+    valid = (labels != -100).float()
+    per_step = [token_loss[i : i + MICRO_BATCH].sum() / valid[i : i + MICRO_BATCH].sum()
+                for i in range(0, len(batches), MICRO_BATCH)]
+    return torch.stack(per_step).mean()
+
+
+def _first_order(model, params, batches, scale: LossScale, progress: bool) -> dict[str, torch.Tensor]:
+    """channel_sums(|w * g|) per weight from one backward, each gradient reduced and freed in its hook."""
+    while True:
+        scores: dict[str, torch.Tensor] = {}
+        overflow = []
+
+        def reduce(p: torch.Tensor, name: str) -> None:
+            g = scale.unscale(p.grad)
+            p.grad = None
+            if g is None:
+                overflow.append(name)
+                return
+            scores[name] = channel_sums(name, (p.detach().float() * g).abs_())
+
+        with _hooks(params, reduce), tqdm(total=1, desc="calibration (Taylor importance)", disable=not progress) as bar:
+            (_micro_batch_loss(model, batches) * scale.value).backward()
+            bar.update()
+        if not overflow:
+            return scores
+        scale.backoff()
+
+
+def _second_order(model, params, batches, scale: LossScale, progress: bool,
+                  budget_bytes: Optional[int]) -> dict[str, torch.Tensor]:
+    """channel_sums(|w*g - 1/2 w^2 F|) per weight, chunk by chunk: per sample, the hooks add each chunk
+    weight's float32 gradient and its square to the chunk's sums and free the gradient."""
+    chunks = _chunks(params, budget_bytes, staged=scale.active)
+    scores: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(chunks) * len(batches), desc="calibration (Taylor importance)", disable=not progress)
+    for chunk in chunks:
+        grad_sum = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in chunk}
+        fisher = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in chunk}
+        for b in batches:
+            _sample_pass(model, {n: params[n] for n in chunk}, b, scale, grad_sum, fisher)
+            bar.update()
+        for n in chunk:
+            w = params[n].detach().float()
+            salience = (w * (grad_sum.pop(n) / len(batches)) - 0.5 * w * w * (fisher.pop(n) / len(batches))).abs()
+            scores[n] = channel_sums(n, salience)
+    bar.close()
     return scores
+
+
+def _sample_pass(model, chunk: dict, sample: torch.Tensor, scale: LossScale, grad_sum: dict, fisher: dict) -> None:
+    """One sample's backward into the chunk's sums of g and g^2. With fp16 loss scaling the pass's gradients
+    are held until the pass is known free of overflow, then added (else the pass repeats at half scale)."""
+    while True:
+        staged: dict[str, torch.Tensor] = {}
+        overflow = []
+
+        def add(p: torch.Tensor, name: str) -> None:
+            g = scale.unscale(p.grad)
+            p.grad = None
+            if g is None:
+                overflow.append(name)
+            elif scale.active:
+                staged[name] = g
+            else:
+                grad_sum[name] += g
+                fisher[name] += g * g
+
+        with _hooks(chunk, add):
+            (model(**_padded([sample]), use_cache=False).loss * scale.value).backward()
+        if not overflow:
+            for name, g in staged.items():
+                grad_sum[name] += g
+                fisher[name] += g * g
+            return
+        scale.backoff()
+
+
+def _chunks(params: dict, budget_bytes: Optional[int], staged: bool) -> list[list[str]]:
+    """Split the weights, in model order, into groups whose float32 g and g^2 sums (plus the staged fp16-pass
+    gradients) fit `budget_bytes`; default a quarter of the weights' own bytes. A weight larger than the
+    budget gets a chunk of its own."""
+    per_param = 4 * (3 if staged else 2)
+    if budget_bytes is None:
+        budget_bytes = sum(p.numel() * p.element_size() for p in params.values()) // 4
+    chunks, size = [[]], 0
+    for name, p in params.items():
+        cost = p.numel() * per_param
+        if chunks[-1] and size + cost > budget_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += cost
+    return chunks
+
+
+@contextmanager
+def _hooks(params: dict, fn):
+    """Only `params` require grad, each with a post-accumulate-grad hook fn(param, name); on exit the hooks are
+    removed and the weights stop requiring grad."""
+    handles = []
+    for name, p in params.items():
+        p.requires_grad_(True)
+        handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: fn(p, name)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+@contextmanager
+def _checkpointed_layers(model: nn.Module):
+    """Each decoder layer's forward runs under torch.utils.checkpoint (non-reentrant): the backward keeps only
+    every layer's input and recomputes one layer at a time, so the single first-order backward through all
+    calibration rows holds one layer's activations, not all of them. The model stays in eval mode (no
+    dropout), so the recompute equals the forward."""
+    layers = list(model.model.layers)
+    for layer in layers:
+        layer.forward = partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _padded(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,7 +358,7 @@ def _reduce(per_module: list[torch.Tensor], how: str) -> torch.Tensor:
 
 
 def group_scores(model: nn.Module, scores: dict[str, torch.Tensor], layer: int, how: str) -> tuple[list[float], torch.Tensor]:
-    """(score of each attention group, score of each MLP channel) for one layer."""
+    """(score of each attention group, score of each MLP channel) for one layer, from channel_sums scores."""
     head_dim = head_dim_of(model)
     shape = layer_shape(model.model.layers[layer], head_dim)
     pre = f"model.layers.{layer}."
@@ -194,17 +366,19 @@ def group_scores(model: nn.Module, scores: dict[str, torch.Tensor], layer: int, 
     per_group = shape.num_attention_heads // shape.num_key_value_heads
     rows = [group_rows(g, per_group, head_dim) for g in range(shape.num_key_value_heads)]
     per_module = [torch.stack([q[qr].sum() for qr, _ in rows]), torch.stack([k[kr].sum() for _, kr in rows]),
-                  torch.stack([v[kr].sum() for _, kr in rows]), torch.stack([o[:, qr].sum() for qr, _ in rows])]
+                  torch.stack([v[kr].sum() for _, kr in rows]), torch.stack([o[qr].sum() for qr, _ in rows])]
     heads = _reduce(per_module, how).tolist()
     gate, up, down = (scores[pre + f"mlp.{m}_proj.weight"] for m in ("gate", "up", "down"))
-    channels = _reduce([gate.sum(1), up.sum(1), down.sum(0)], how)
+    channels = _reduce([gate, up, down], how)
     return heads, channels
 
 
 def layer_totals(scores: dict[str, torch.Tensor], n_layers: int, removed: Optional[dict] = None) -> list[float]:
     """Per-layer Taylor importance: the sum of the scores of the weights pruning keeps (the search's option).
 
-    `removed` is apply_plan's {layer: (groups removed, MLP channels removed, query heads per group, head_dim)}.
+    `scores` are channel_sums (a removed group or channel is a whole row or column, so the kept weights are
+    the kept entries); `removed` is apply_plan's {layer: (groups removed, MLP channels removed, query heads per
+    group, head_dim)}.
     """
     totals = [0.0] * n_layers
     for name, s in scores.items():
@@ -214,16 +388,12 @@ def layer_totals(scores: dict[str, torch.Tensor], n_layers: int, removed: Option
         groups, channels, per_group, head_dim = (removed or {}).get(i, ([], [], 1, 1))
         for g in groups:
             q_rows, kv_rows = group_rows(g, per_group, head_dim)
-            if module == "q_proj":
+            if module in ("q_proj", "o_proj"):
                 keep[q_rows] = False
             elif module in ("k_proj", "v_proj"):
                 keep[kv_rows] = False
-            elif module == "o_proj":
-                keep[:, q_rows] = False
-        if module in ("gate_proj", "up_proj"):
+        if module in ("gate_proj", "up_proj", "down_proj"):
             keep[channels] = False
-        elif module == "down_proj":
-            keep[:, channels] = False
         totals[i] += float(s[keep].sum())
     return totals
 
