@@ -49,6 +49,8 @@ class FinetuneResult:
     losses: list[float]  # mean response-token loss of each optimizer step
     seconds: float
     validations: list[dict] = field(default_factory=list)  # {"val_logprob", "val_acc"} per report with a validator
+    loss_scale: Optional[float] = None  # float16 compute: GradScaler's scale at the end (None: no loss scaling)
+    skipped_steps: int = 0  # float16 compute: optimizer steps GradScaler skipped for inf/nan gradients
 
     @property
     def last_validation(self) -> dict:
@@ -178,6 +180,19 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def make_scaler(compute_dtype: str, device: torch.device, params: list[torch.nn.Parameter]) -> torch.amp.GradScaler:
+    """Loss scaling for quant.compute_dtype float16 (GPUs without bf16: T4, V100): fp16 activation gradients
+    of a per-token-normalised loss underflow to zero (fp16's smallest subnormal is 6e-8), so GradScaler
+    multiplies the loss, unscales the gradients before clipping, skips a step whose gradients overflowed and
+    adapts the scale. A pass-through for bfloat16 / float32, whose exponent range is float32's. The trained
+    (LoRA) weights must be float32 masters: GradScaler cannot unscale fp16 gradients."""
+    fp16 = compute_dtype == "float16"
+    if fp16 and any(p.dtype == torch.float16 for p in params):
+        raise ConfigError("quant.compute_dtype", "float16 training needs float32 LoRA weights (peft's default "
+                          "autocast_adapter_dtype=True); keep them float32 or use bfloat16")
+    return torch.amp.GradScaler(device.type, enabled=fp16)
+
+
 def micro_batches(n_examples: int, batch_size: int, micro_batch_size: int, seed: int):
     """Yield, for each optimizer step, its list of micro-batches of example indices (seeded reshuffle per epoch)."""
     rng = random.Random(seed)
@@ -219,6 +234,8 @@ def finetune(
     torch.manual_seed(fcfg.seed)
     optimizer = make_optimizer(params, fcfg.optimizer, fcfg.lr)
     device = model.get_input_embeddings().weight.device
+    scaler = make_scaler(cfg.quant.compute_dtype, device, params)
+    skipped = 0
     batches = micro_batches(len(examples), fcfg.batch_size, fcfg.micro_batch_size, fcfg.seed)
     losses: list[float] = []
     validations: list[dict] = []
@@ -228,7 +245,10 @@ def finetune(
         for step in range(fcfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, fcfg.lr, fcfg.warmup_steps, fcfg.steps)
-            losses.append(train_step(model, optimizer, params, [collate([examples[i] for i in idx], pad_id) for idx in next(batches)], device))
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            losses.append(train_step(model, optimizer, params, [collate([examples[i] for i in idx], pad_id) for idx in next(batches)],
+                                     device, scaler))
+            skipped += scale is not None and scaler.get_scale() < scale  # GradScaler lowers the scale when it skips
             if not math.isfinite(losses[-1]):
                 raise TrainingDiverged(
                     f"finetune: training diverged at step {step + 1} (loss {losses[-1]}); lower finetune.lr (now {fcfg.lr}) or use more bits"
@@ -248,26 +268,34 @@ def finetune(
             if report is not None:
                 report(metrics)
     model.eval()
-    return FinetuneResult(len(losses), losses, time.perf_counter() - started, validations)
+    return FinetuneResult(len(losses), losses, time.perf_counter() - started, validations,
+                          scaler.get_scale() if scaler.is_enabled() else None, skipped)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, chunks: list[dict], device) -> float:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, chunks: list[dict], device,
+               scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """One optimizer step over the micro-batches of a global batch; returns its mean response-token loss.
 
     Each micro-batch's summed loss is divided by the global batch's token count, so accumulation matches
-    one big batch. A non-finite loss skips the update (the caller raises).
+    one big batch. A non-finite loss skips the update (the caller raises). With an enabled `scaler` (float16
+    compute, make_scaler) the forward runs under autocast(float16) and the backward on the scaled loss;
+    gradients are unscaled before clipping, and a step with overflowed gradients is skipped by the scaler.
     """
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     n_tokens = max(1, sum(int((c["labels"][:, 1:] != -100).sum()) for c in chunks))
     total = 0.0
     for chunk in chunks:
-        loss = response_loss(model, {k: v.to(device) for k, v in chunk.items()}) / n_tokens
+        with torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            loss = response_loss(model, {k: v.to(device) for k, v in chunk.items()}) / n_tokens
         total += loss.item()
         if not math.isfinite(total):
             optimizer.zero_grad(set_to_none=True)
             return total
-        loss.backward()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total
 

@@ -166,3 +166,30 @@ def test_finetune_and_evaluate_a_bnb_4bit_model(tiny_assets, cfg):
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
     scores = evaluate_model(model, tokenizer, cfg.eval, limit=20)
     assert set(scores["tasks"]) == set(tiny_assets.test_tasks) and 0.0 <= scores["mean_acc"] <= 1.0
+
+
+def test_float16_compute_trains_with_loss_scaling(tiny_assets, cfg):
+    """quant.compute_dtype float16 (issue 25): autocast(float16) + GradScaler. The float32 LoRA weights learn
+    with finite losses, the scale has moved from GradScaler's 2**16 only by halving on overflowed steps, and
+    bfloat16 / float32 compute get no scaler at all."""
+    from qpruner.finetune import make_scaler
+
+    cfg.quant.compute_dtype = "float16"
+    cfg.finetune.steps, cfg.finetune.report_every = 8, 8
+    model, tokenizer = load_model("builtin:tiny", "float16")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    result = finetune(model, tokenizer, cfg)
+    assert result.loss_scale is not None and result.loss_scale == 2.0**16 / 2**result.skipped_steps
+    assert result.skipped_steps < cfg.finetune.steps
+    assert all(math.isfinite(x) for x in result.losses)
+    assert any(not torch.equal(p, before[n]) for n, p in trained.items() if "lora_B" in n)
+    assert all(torch.isfinite(p).all() for p in trained.values())
+    cpu = torch.device("cpu")
+    assert not make_scaler("bfloat16", cpu, list(trained.values())).is_enabled()
+    assert make_scaler("float16", cpu, list(trained.values())).is_enabled()
+    with pytest.raises(ConfigError, match=r"^quant\.compute_dtype: float16 training needs float32 LoRA weights"):
+        make_scaler("float16", cpu, [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
