@@ -154,14 +154,18 @@ def gguf_from_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, **op
 
 
 def export_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, merge: bool = False) -> Path:
-    """The export folder from a pruned model, a trained adapter and the trial's row (bits, ranks, scores)."""
+    """The export folder from a pruned model, a trained adapter and the trial's row (bits, ranks, scores).
+
+    The base is loaded in quant.compute_dtype, as run_trial loads it, so LoftQ's residual W - B A is rounded
+    where the trial rounded it and base/ quantizes to the trial's very weights (with loftq_iters > 1 a float32
+    residual cast later rounds differently). merged/ is still written in float32 (an exact upcast first)."""
     from qpruner.loftq import loftq_for_model
     from qpruner.prune import load_pruned, save_pruned
     from qpruner.quantize import settings
 
     bits, ranks = list(row["bits"]), row.get("ranks")
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_pruned(pruned)
+    model, tokenizer = load_pruned(pruned, dtype=cfg.quant.compute_dtype)
     inits, _ = loftq_for_model(model, bits, cfg, cfg.output.cache, pruned.name, ranks=ranks)
     with torch.no_grad():
         for name, init in inits.items():
@@ -174,7 +178,7 @@ def export_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, merge: 
          "accuracy": row["accuracy"], "memory_gb": row["memory_gb"]}, indent=1))
     shutil.copy(Path(__file__).with_name("standalone.py"), out / "load_qpruner.py")
     if merge:
-        merge_adapter(model, tokenizer, bits, cfg, out)
+        merge_adapter(model.float(), tokenizer, bits, cfg, out)
     return out
 
 
