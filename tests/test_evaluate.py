@@ -92,15 +92,33 @@ def test_standard_task_names_pass_through(tiny_config):
     assert sorted(p.name for p in Path(paths[1]).glob("*.yaml")) == ["arc_easy_val.yaml", "boolq_val.yaml"]
 
 
-def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets, tiny_config):
-    model, tokenizer = load_model("builtin:tiny")
-    tiny_config.eval.tasks = ["boolq"]
-    try:
-        result = evaluate_model(model, tokenizer, tiny_config.eval, limit=2)
-    except QPrunerError as err:  # the usual case: hubs unreachable and boolq not in the HF cache
-        assert str(err).startswith("eval.local_data.boolq: task 'boolq' cannot load") and "\n" not in str(err)
-    else:  # boolq happens to be cached on this machine
-        assert 0.0 <= result["tasks"]["boolq"]["acc"] <= 1.0
+def test_task_data_that_cannot_be_loaded_offline_is_a_one_line_error(tiny_assets, tmp_path):
+    """Offline with an EMPTY Hugging Face cache (a child process, so what this machine happens to have cached
+    cannot decide the outcome), boolq cannot load: evaluate_model raises one line naming eval.local_data.boolq."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from qpruner.errors import QPrunerError\n"
+        "from qpruner.evaluate import evaluate_model\n"
+        "from qpruner.model import load_model\n"
+        "from qpruner.plan import resolved_config\n"
+        f"model, tokenizer = load_model({str(tiny_assets.model_dir)!r})\n"
+        "try:\n"
+        "    evaluate_model(model, tokenizer, resolved_config({'eval': {'tasks': ['boolq']}}).eval, limit=2)\n"
+        "except QPrunerError as err:\n"
+        "    print('REFUSED', err)\n"
+    )
+    empty = tmp_path / "hf"
+    env = {**os.environ, "HF_HOME": str(empty), "HF_DATASETS_CACHE": str(empty / "datasets"),
+           "HF_HUB_CACHE": str(empty / "hub"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("QPRUNER_ONLINE", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    refused = [line for line in done.stdout.splitlines() if line.startswith("REFUSED ")]
+    assert done.returncode == 0 and len(refused) == 1, done.stderr[-2000:]
+    assert refused[0].startswith("REFUSED eval.local_data.boolq: task 'boolq' cannot load"), refused[0]
+    assert "--set eval.local_data.boolq=FILE" in refused[0]
 
 
 def test_paper_metric_is_acc_norm_where_llm_pruner_reports_it():
@@ -114,8 +132,8 @@ def test_paper_metric_is_acc_norm_where_llm_pruner_reports_it():
 
 
 def test_eval_metric_is_validated():
-    from qpruner.plan import resolved_config
     from qpruner.errors import ConfigError
+    from qpruner.plan import resolved_config
 
     assert resolved_config({}).eval.metric == "paper"
     with pytest.raises(ConfigError, match="eval.metric"):

@@ -138,10 +138,38 @@ def test_missing_file_and_offline_hub_id_are_one_line_errors(tmp_path):
 
 
 def test_paged_optimizer_needs_cuda(tiny_assets, cfg):
+    """paged_adamw_32bit on CPU: one line naming finetune.optimizer, before any step; `auto` there is torch's
+    AdamW without weight decay (alpaca-lora's setting)."""
+    from qpruner.finetune import make_optimizer
+
     cfg.finetune.optimizer = "paged_adamw_32bit"
     model, tokenizer = lora_model()
-    with pytest.raises(ConfigError, match="finetune.optimizer"):
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match=r"^finetune\.optimizer: paged_adamw_32bit needs the model on a CUDA GPU; use 'auto'"):
         finetune(model, tokenizer, cfg)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad), "nothing trained"
+    auto = make_optimizer([p for p in model.parameters() if p.requires_grad], "auto", 1e-3)
+    assert type(auto) is torch.optim.AdamW and auto.defaults["weight_decay"] == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' paged optimizers need a CUDA GPU")
+def test_paged_adamw_trains_lora_on_cuda(tiny_assets, cfg):
+    """On CUDA, `auto` and paged_adamw_32bit are bitsandbytes' PagedAdamW32bit, and it trains the LoRA weights."""
+    import bitsandbytes as bnb
+
+    from qpruner.finetune import make_optimizer
+
+    cfg.finetune.optimizer, cfg.finetune.steps, cfg.finetune.report_every = "paged_adamw_32bit", 3, 3
+    model, tokenizer = lora_model()
+    model.cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for name in ("auto", "paged_adamw_32bit"):
+        optimizer = make_optimizer(params, name, 1e-3)
+        assert isinstance(optimizer, bnb.optim.PagedAdamW32bit) and optimizer.is_paged
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = finetune(model, tokenizer, cfg)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_finetune_and_evaluate_a_bnb_4bit_model(tiny_assets, cfg):

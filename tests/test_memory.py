@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qpruner.memory import MemoryReport, activation_bytes, finetune_peak_estimate, linear_bytes, lora_bytes, memory_report, model_shapes, weight_bytes
 from qpruner.plan import resolved_config
-from qpruner.memory import (MemoryReport, activation_bytes, finetune_peak_estimate, linear_bytes, lora_bytes,
-                            memory_report, model_shapes, weight_bytes)
 from qpruner.prune import load_pruned, prune_cached
 from qpruner.quantize import lora_config_for, quantize_model
 
@@ -111,7 +110,13 @@ def test_memory_report_on_cpu_is_estimated_and_adds_up(pruned):
     assert report.peak_estimate_bytes == report.weight_bytes + 2 * report.lora_bytes + 8 * trainable + acts
     assert report.peak_estimate_bytes == finetune_peak_estimate(peft_model, report.weight_bytes, report.lora_bytes, cfg)
     assert report.objective_bytes == report.peak_estimate_bytes
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():  # the measured peak covers what was allocated since the reset
+        torch.cuda.reset_peak_memory_stats()
+        block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        cuda = MemoryReport.from_cuda(1, 2, 3)
+        assert cuda.source == "measured" and cuda.peak_measured_bytes >= block.numel()
+        assert cuda.objective_bytes == cuda.peak_measured_bytes
+    else:
         assert MemoryReport.from_cuda(1, 2, 3) == MemoryReport(1, 2, 3, None, "estimated")
 
 
@@ -146,8 +151,8 @@ def test_shapes_from_config_match_the_loaded_pruned_model(tiny_assets, tmp_path)
     """The search prices bit vectors from config.json alone; that must equal the bytes of the real model."""
     import json
 
-    from qpruner.plan import resolved_config
     from qpruner.memory import model_shapes, shapes_from_config, weight_bytes
+    from qpruner.plan import resolved_config
     from qpruner.prune import load_pruned, prune_cached
 
     cfg = resolved_config({"prune": {"ratio": 0.3, "method": "slimgpt"}})  # layers of different widths

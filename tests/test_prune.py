@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpruner.plan import resolved_config
 from qpruner.errors import QPrunerError
 from qpruner.evaluate import perplexity
+from qpruner.plan import resolved_config
 from qpruner.prune import load_pruned, prune_cached, prune_with_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,9 @@ def test_ratio_and_gqa_structure(cache, prune):
 
 
 def test_save_load_round_trip_is_exact(cache):
-    from qpruner.prune.taylor import prune_model
-    from qpruner.prune.store import save_pruned
     from qpruner.model import load_model
+    from qpruner.prune.store import save_pruned
+    from qpruner.prune.taylor import prune_model
 
     model, tok = load_model("builtin:tiny", cache_dir=cache)
     prune_model(model, [], cfg_for(cache, ratio=0.3, method="random").prune, progress=False)

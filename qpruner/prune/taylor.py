@@ -211,7 +211,7 @@ def _first_order(model, params, batches, scale: LossScale, progress: bool) -> di
         scores: dict[str, torch.Tensor] = {}
         overflow = []
 
-        def reduce(p: torch.Tensor, name: str) -> None:
+        def reduce(p: torch.Tensor, name: str, scores=scores, overflow=overflow) -> None:
             g = scale.unscale(p.grad)
             p.grad = None
             if g is None:
@@ -255,7 +255,7 @@ def _sample_pass(model, chunk: dict, sample: torch.Tensor, scale: LossScale, gra
         staged: dict[str, torch.Tensor] = {}
         overflow = []
 
-        def add(p: torch.Tensor, name: str) -> None:
+        def add(p: torch.Tensor, name: str, staged=staged, overflow=overflow) -> None:
             g = scale.unscale(p.grad)
             p.grad = None
             if g is None:
