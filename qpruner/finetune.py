@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qpruner.config import Config
 from qpruner.errors import ConfigError, QPrunerError
+from qpruner.memory import TrainingPeak, paged_optimizer_bytes
 
 RECORD_FORMAT = '{"instruction": str, "input": str (optional), "output": str}'
 PROMPT_WITH_INPUT = (
@@ -51,6 +52,8 @@ class FinetuneResult:
     validations: list[dict] = field(default_factory=list)  # {"val_logprob", "val_acc"} per report with a validator
     loss_scale: Optional[float] = None  # float16 compute: GradScaler's scale at the end (None: no loss scaling)
     skipped_steps: int = 0  # float16 compute: optimizer steps GradScaler skipped for inf/nan gradients
+    peak_allocated_bytes: Optional[int] = None  # CUDA: max_memory_allocated over the training steps (TrainingPeak)
+    paged_optimizer_bytes: int = 0  # optimizer state in CUDA managed memory (qpruner.memory.paged_optimizer_bytes)
 
     @property
     def last_validation(self) -> dict:
@@ -100,7 +103,8 @@ def _read_hub(dataset_id: str) -> list:
     except Exception as exc:  # offline, not found, gated: all end as one line naming the field
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(
-            "finetune.data", f"cannot load hub dataset {dataset_id!r} ({first}); check the id and network, or give a local .json/.jsonl file or 'builtin'"
+            "finetune.data", f"cannot load hub dataset {dataset_id!r} ({first}); check the id and network, "
+            "or give a local .json/.jsonl file or 'builtin'"
         ) from None
 
 
@@ -236,6 +240,7 @@ def finetune(
     device = model.get_input_embeddings().weight.device
     scaler = make_scaler(cfg.quant.compute_dtype, device, params)
     skipped = 0
+    window = TrainingPeak(device)  # the memory objective: training steps only
     batches = micro_batches(len(examples), fcfg.batch_size, fcfg.micro_batch_size, fcfg.seed)
     losses: list[float] = []
     validations: list[dict] = []
@@ -262,14 +267,17 @@ def finetune(
             metrics = {"step": done, "train_loss": sum(losses[-fcfg.report_every :]) / fcfg.report_every,
                        "val_logprob": None, "val_acc": None}
             if validate is not None:
+                window.pause()
                 validations.append(validate())
+                window.resume()
                 metrics.update(validations[-1])
                 model.train()  # lm-eval switches the model to eval mode
             if report is not None:
                 report(metrics)
     model.eval()
     return FinetuneResult(len(losses), losses, time.perf_counter() - started, validations,
-                          scaler.get_scale() if scaler.is_enabled() else None, skipped)
+                          scaler.get_scale() if scaler.is_enabled() else None, skipped, window.read(),
+                          paged_optimizer_bytes(optimizer))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, chunks: list[dict], device,

@@ -1,5 +1,6 @@
 """Memory of a trial: exact quantized-weight bytes from the bit vector, LoRA bytes, an analytic
-fine-tuning peak, and on CUDA the measured peak (the search minimises measured, else estimated).
+fine-tuning peak, and on CUDA the measured fine-tuning peak (the search minimises measured, else estimated):
+the allocator's peak over the training steps alone (TrainingPeak) plus the paged optimizer state.
 
 Weight bytes are computed from shapes alone, so they are known before a model is quantized:
 `model_shapes(model)` works on a full-precision, a quantized or a peft-wrapped model alike.
@@ -36,6 +37,7 @@ class MemoryReport:
     peak_estimate_bytes: int
     peak_measured_bytes: Optional[int]
     source: Literal["measured", "estimated"]
+    measured: str = ""  # what peak_measured_bytes counts (finetune_window_source), "" when estimated
 
     @classmethod
     def from_cuda(cls, weight_bytes: int, lora_bytes: int, peak_estimate_bytes: int) -> "MemoryReport":
@@ -177,14 +179,61 @@ def finetune_peak_estimate(model, weights: int, lora: int, cfg: Config) -> int:
     return int(weights + 2 * lora + 8 * trainable + activation_bytes(model, cfg))
 
 
-def memory_report(peft_model, bits: Sequence[int], cfg: Config, device: Optional[str] = None) -> MemoryReport:
-    """Weights, LoRA, the estimated peak and, on CUDA, the measured peak since the last reset."""
+def memory_report(peft_model, bits: Sequence[int], cfg: Config, device: Optional[str] = None, finetune=None) -> MemoryReport:
+    """Weights, LoRA, the estimated peak and, on CUDA after fine-tuning (`finetune`, a FinetuneResult), the
+    measured fine-tuning peak: the allocator's peak over the training steps plus the paged optimizer state.
+
+    Before fine-tuning there is nothing to measure yet (the allocator's peak then holds LoftQ's SVDs and
+    the quantization, not training), so the report is the estimate.
+    """
     weights = weight_bytes(peft_model, bits, cfg.quant)["total"]
     lora = lora_bytes(peft_model)
     estimate = finetune_peak_estimate(peft_model, weights, lora, cfg)
-    if device == "cuda":
-        return MemoryReport.from_cuda(weights, lora, estimate)
+    window = getattr(finetune, "peak_allocated_bytes", None)
+    if device == "cuda" and window is not None:
+        paged = finetune.paged_optimizer_bytes
+        return MemoryReport(weights, lora, estimate, window + paged, "measured", finetune_window_source(paged))
     return MemoryReport(weights, lora, estimate, None, "estimated")
+
+
+def finetune_window_source(paged_bytes: int) -> str:
+    """What a measured fine-tuning peak counts, for the trial's `memory_measured`."""
+    return ("torch.cuda.max_memory_allocated over the fine-tuning steps (reset right before fine-tuning, paused "
+            f"while validating) + {paged_bytes} bytes of paged optimizer state (CUDA managed memory, from tensor sizes)")
+
+
+def paged_optimizer_bytes(optimizer) -> int:
+    """Bytes of optimizer state bitsandbytes keeps in CUDA managed memory (its paged optimizers page state
+    tensors of at least 1e5 elements, marked `is_paged`). torch's allocator never sees cudaMallocManaged, so
+    max_memory_allocated misses them while the analytic estimate counts them: they are added from sizes."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and getattr(t, "is_paged", False))
+
+
+class TrainingPeak:
+    """torch.cuda.max_memory_allocated over the training steps only: reset when fine-tuning starts, paused
+    around each validation (lm-eval's batches are no training memory) and read when fine-tuning ends.
+    Off the GPU there is no allocator counter: read() gives None."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.peak = device.type == "cuda", 0
+        self.resume()
+
+    def pause(self) -> None:
+        """Fold the peak so far into the window's maximum (before something that is not training)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+
+    def resume(self) -> None:
+        """Start counting again from what is allocated now."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> Optional[int]:
+        self.pause()
+        return self.peak if self.cuda else None
 
 
 def weight_storage(pruned_path) -> str:

@@ -88,7 +88,8 @@ def run_trial(
     def report_progress(metrics: dict) -> None:
         if report is not None:
             # accuracy is the final test accuracy only: None until then (Tune requires the key in every report)
-            report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective), "max_steps": cfg.finetune.steps, "final": False})
+            report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective),
+                    "max_steps": cfg.finetune.steps, "final": False})
 
     inject_fault(peft_model, bits)
     t = time.perf_counter()
@@ -108,7 +109,7 @@ def run_trial(
     if measure is not None:
         with eval_mode(peft_model), torch.no_grad():
             measured = measure(peft_model, tokenizer)
-    memory = memory_report(peft_model, bits, cfg, device=device)  # measured peak now includes training
+    memory = memory_report(peft_model, bits, cfg, device=device, finetune=ft)  # the fine-tuning window, measured on CUDA
     if adapter_dir is not None:
         save_adapter(peft_model, bits, ranks, adapter_dir)
 
@@ -124,6 +125,7 @@ def run_trial(
         "memory_gb": memory.objective(cfg.search.memory_objective) / 1024**3,
         "memory_bytes": memory.objective(cfg.search.memory_objective),
         "memory_source": memory.source,
+        "memory_measured": memory.measured,
         "weight_storage": weight_storage(pruned_path),
         "weight_bytes": memory.weight_bytes,
         "lora_bytes": memory.lora_bytes,

@@ -163,3 +163,54 @@ def test_shapes_from_config_match_the_loaded_pruned_model(tiny_assets, tmp_path)
     assert len({tuple(layer) for layer in from_config.layers}) > 1
     for bits in ([4] * 6, [8, 4, 16, 4, 8, 4]):
         assert weight_bytes(from_config, bits, cfg.quant)["layers"] == weight_bytes(from_model, bits, cfg.quant)["layers"]
+
+
+def test_measured_objective_is_the_fine_tuning_window_plus_paged_optimizer_state(pruned):
+    """Bookkeeping of the measured peak (issue 25, item 2): memory_report measures only with a fine-tuning result
+    on CUDA, and then reports the training-steps peak plus the paged optimizer bytes, saying so in
+    memory_measured; before fine-tuning, or off CUDA, it is the estimate. Paged bytes come from the sizes of
+    the state tensors bitsandbytes marks `is_paged`, nothing else."""
+    from peft import get_peft_model
+
+    from qpruner.finetune import FinetuneResult
+    from qpruner.memory import TrainingPeak, paged_optimizer_bytes
+
+    weight = torch.nn.Parameter(torch.zeros(10, 20))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert paged_optimizer_bytes(optimizer) == 0
+    for tensor in optimizer.state[weight].values():
+        if tensor.dim():  # exp_avg, exp_avg_sq: as bitsandbytes' get_paged marks its managed buffers
+            tensor.is_paged = True
+    assert paged_optimizer_bytes(optimizer) == 2 * 200 * 4
+
+    cfg, path = pruned
+    bits = [4, 8, 16, 4, 8, 4]
+    model, _ = load_pruned(path)
+    quantize_model(model, bits, cfg.quant)
+    peft_model = get_peft_model(model, lora_config_for(cfg.lora, model))
+    trained = FinetuneResult(1, [1.0], 0.1, peak_allocated_bytes=5_000_000, paged_optimizer_bytes=800)
+    before = memory_report(peft_model, bits, cfg, device="cuda")
+    assert before.source == "estimated" and before.peak_measured_bytes is None and before.measured == ""
+    after = memory_report(peft_model, bits, cfg, device="cuda", finetune=trained)
+    assert after.source == "measured" and after.peak_measured_bytes == 5_000_800 == after.objective()
+    assert after.peak_estimate_bytes == before.peak_estimate_bytes
+    assert "over the fine-tuning steps" in after.measured and "800 bytes of paged optimizer state" in after.measured
+    assert memory_report(peft_model, bits, cfg, device="cpu", finetune=trained).source == "estimated"
+    assert TrainingPeak(torch.device("cpu")).read() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's CUDA allocator counters")
+def test_training_window_leaves_out_what_happens_outside_it():
+    """On CUDA: an allocation while the window is paused (validation) does not count; one inside it does."""
+    from qpruner.memory import TrainingPeak
+
+    window = TrainingPeak(torch.device("cuda"))
+    inside = torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
+    window.pause()
+    outside = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    del outside
+    window.resume()
+    peak = window.read()
+    assert inside.numel() <= peak < 512 * 2**20
