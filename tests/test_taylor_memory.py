@@ -88,6 +88,7 @@ def test_hooked_scores_equal_the_full_gradient_computation(order, budget):
     layers = range(model.config.num_hidden_layers)
     assert _ranking(model, got, layers) == _ranking(model, expected, layers)
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers), "checkpointing is undone"
 
 
 def test_no_gradient_outlives_its_hook():

@@ -318,14 +318,17 @@ def _checkpointed_layers(model: nn.Module):
     every layer's input and recomputes one layer at a time, so the single first-order backward through all
     calibration rows holds one layer's activations, not all of them. The model stays in eval mode (no
     dropout), so the recompute equals the forward."""
-    layers = list(model.model.layers)
-    for layer in layers:
-        layer.forward = partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    saved = [(layer, layer.__dict__.get("forward")) for layer in model.model.layers]  # an instance forward (hooks)
+    for layer, _ in saved:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, own in saved:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 def _padded(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
