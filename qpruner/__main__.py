@@ -12,6 +12,7 @@ VERBS = {
     "trial": ("qpruner.trial", "train and evaluate one configuration"),
     "prune": ("qpruner.prune.__main__", "prune a model and store it in the cache"),
     "report": ("qpruner.report", "write report.md and the plots of a run folder again"),
+    "predict": ("qpruner.predict", "the best configuration under a memory budget, predicted without training"),
     "export": ("qpruner.export", "export one trial as a loadable folder or a GGUF file"),
 }
 

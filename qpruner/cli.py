@@ -14,10 +14,10 @@ from qpruner.errors import ConfigError, QPrunerError
 ONLINE_ENV = "QPRUNER_ONLINE"  # =1: let Hugging Face libraries reach the hub (default: offline)
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def base_parser(prog: str, description: str, config_required: bool = True) -> argparse.ArgumentParser:
     """An argparse parser with the flags every qpruner command shares."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. tune_configs/tiny.yaml")
+    parser.add_argument("--config", required=config_required, help="YAML recipe, e.g. tune_configs/tiny.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config field, YAML-typed, repeatable: --set finetune.steps=100 "
                              "--set eval.local_data.boolq=/data/boolq.jsonl")

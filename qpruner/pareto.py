@@ -17,9 +17,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qpruner.results import (
-    GB, accuracy_text, merge_previous, reference_rule, results_table, with_reference,
+    GB,
+    accuracy_text,
+    merge_previous,
+    reference_rule,
+    results_table,
+    with_reference,
     write_parquet_atomic,
 )
+
 
 def completed_mask(table: pa.Table) -> pa.ChunkedArray:
     """True for rows that can be on the front: status completed, finite accuracy, memory known."""
@@ -233,10 +239,11 @@ def honest_range(lo: float, hi: float, min_span: float, floor: Optional[float] =
 
 
 def plot_front(results: pa.Table, front: pa.Table, path: Path,
-               baselines: Optional[dict[str, tuple[int, float]]] = None) -> None:
+               baselines: Optional[dict[str, tuple[int, float]]] = None, predicted: Optional[list[dict]] = None) -> None:
     """Accuracy vs memory: completed trials grey with their 95% intervals, stopped-early ones as ticks on the
     memory axis (they have no final accuracy), failed ones omitted, the front as a red step line, baselines
-    as stars. The axes span at least MIN_ACCURACY_SPAN and MIN_MEMORY_SPAN, so noise does not fill the plot."""
+    as stars, and the performance model's predicted front (qpruner.predict) dashed with a ±1 standard
+    deviation band. The axes span at least MIN_ACCURACY_SPAN and MIN_MEMORY_SPAN, so noise does not fill the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,6 +270,7 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
     if f_mem:
         ax.step(f_mem + [max(xs)], f_acc + [f_acc[-1]], where="post", c="tab:red", lw=1.6, zorder=2)
         ax.scatter(f_mem, f_acc, c="tab:red", s=48, zorder=3, label=f"Pareto front ({len(f_mem)})")
+    p_acc = plot_predicted(ax, predicted, xs)
     for name, (mem, acc) in sorted(baselines.items(), key=lambda kv: kv[1][0]):
         ax.scatter([mem / GB], [acc], marker="*", s=200, c="tab:blue", edgecolors="white", zorder=4)
         near_right = xs and mem / GB > min(xs) + 0.8 * (max(xs) - min(xs))  # keep the label inside the axes
@@ -274,7 +282,7 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
         ax.set_xlim(*honest_range(min(xs), max(xs), MIN_MEMORY_SPAN * max(xs), floor=0.0))
     accs = done["accuracy"].to_pylist()
     ys = ([a - 1.96 * e for a, e in zip(accs, se)] + [a + 1.96 * e for a, e in zip(accs, se)] + accs + f_acc
-          + [b[1] for b in baselines.values()])
+          + [b[1] for b in baselines.values()] + p_acc)
     if ys:
         ax.set_ylim(*honest_range(min(ys), max(ys), MIN_ACCURACY_SPAN, floor=0.0, ceil=1.0))
     ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -287,3 +295,18 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_predicted(ax, predicted: Optional[list[dict]], xs: list[float]) -> list[float]:
+    """The predicted front (rows of predicted_front.parquet) as a dashed step line with its ±1 standard
+    deviation band, within the measured memory range; its plotted accuracies (for the axis range)."""
+    rows = [r for r in predicted or [] if r.get("predicted_std") is not None and (not xs or r["memory_gb"] <= max(xs))]
+    if not rows:
+        return []
+    mem = [r["memory_gb"] for r in rows]
+    acc = np.array([r["predicted_accuracy"] for r in rows])
+    std = np.array([r["predicted_std"] for r in rows])
+    ax.step(mem, acc, where="post", ls="--", c="tab:green", lw=1.3, zorder=2, label=f"predicted front ({len(rows)})")
+    ax.fill_between(mem, acc - std, acc + std, step="post", color="tab:green", alpha=0.12, zorder=1)
+    return list(acc - std) + list(acc + std)
+

@@ -15,8 +15,16 @@ import pyarrow as pa
 from qpruner.baselines import load as load_baselines
 from qpruner.errors import QPrunerError
 from qpruner.pareto import (
-    compact_bits, completed, front_table, hypervolume_curve, normalized, plot_front, reference_point, uniform_baselines,
+    compact_bits,
+    completed,
+    front_table,
+    hypervolume_curve,
+    normalized,
+    plot_front,
+    reference_point,
+    uniform_baselines,
 )
+from qpruner.predict import quality_lines, write_predictions
 from qpruner.results import GB, accuracy_text, column_label, metric_columns, noise_text
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
@@ -57,11 +65,12 @@ def write_report(run_dir: str | Path) -> Path:
     validation = read_json(plan) if plan.is_file() else None
     if validation is not None and "validation" not in validation:  # a run of an earlier version: the plan alone
         validation = {"validation": validation, "warnings": []}
-    plot_front(results, front, run / "pareto.png", stars)
+    predictions = write_predictions(run)  # the performance model's front, when the run kept a sensitivity table
+    plot_front(results, front, run / "pareto.png", stars, predicted=predictions["front"] if predictions else None)
     plot_hypervolume(curve, ref, run / "hypervolume.png")
     plot_bits(front.to_pylist(), run / "bits_heatmap.png")
     (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, source,
-                                            validation))
+                                            validation, predictions["quality"] if predictions else None))
     return run / "report.md"
 
 
@@ -89,10 +98,11 @@ def source_lines(source: Optional[dict]) -> list[str]:
 
 def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config: Optional[str],
              baselines: Sequence[dict] = (), repeats: int = 0, source: Optional[dict] = None,
-             validation: Optional[dict] = None) -> str:
+             validation: Optional[dict] = None, model_quality: Optional[dict] = None) -> str:
     """The whole report as Markdown text; `baselines` are the rows of baselines.json, `repeats` the
     searcher's proposals of already-recorded configurations (answered from the record, not trained),
-    `source` the model's provenance, `validation` where each task's quick validation read."""
+    `source` the model's provenance, `validation` where each task's quick validation read,
+    `model_quality` the performance model's (qpruner.predict.write_predictions)."""
     rows = results.to_pylist()
     tasks = metric_columns(results.column_names)
     done = completed(results).to_pylist()
@@ -113,6 +123,9 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
               f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
               f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory, fixed for the run).",
               f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
+    if model_quality is not None:
+        seconds = [r["wall_seconds"] for r in done if r.get("wall_seconds")]
+        lines += ["## Performance model", ""] + quality_lines(model_quality, sum(seconds) / len(seconds) if seconds else None) + [""]
     if (validation or {}).get("warnings"):
         lines += ["## Documents", ""] + [f"- {w}" for w in validation["warnings"]] + [""]
     lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first. Accuracy ± its "

@@ -84,7 +84,8 @@ def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None)
     return config
 
 
-def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], record_path: Optional[str | Path] = None):
+def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], record_path: Optional[str | Path] = None,
+                  units=None):
     """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
 
     The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
@@ -93,6 +94,8 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
     test accuracy, so it never enters the objective); a crashed trial is FAIL. Repeat proposals are
     answered from the study's record instead of being trained again; TPE runs with constant_liar so
     pending trials steer it away. First points without rank keys get `lora.rank` (or the middle rank).
+    `units` (qpruner.predict.UnitTable) is the sensitivity table per search unit: `search.sampler: model`
+    needs it.
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -108,6 +111,7 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=True),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, cfg.search.concurrency * 2)),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # no constraint support: its draws ignore a budget
+        "model": lambda: _model_sampler(units, seed, cfg.search.max_memory_gb),
     }
     searcher = RecordedOptunaSearch(
         metric=OBJECTIVES,
@@ -121,6 +125,14 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         max_memory_gb=cfg.search.max_memory_gb,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency)
+
+
+def _model_sampler(units, seed: int, max_memory_gb: Optional[float]):
+    from qpruner.predict import ModelSampler
+
+    if units is None:
+        raise ValueError("search.sampler: model needs the sensitivity table (qpruner.predict.UnitTable)")
+    return ModelSampler(units, seed=seed, max_memory_gb=max_memory_gb)
 
 
 def _optuna_search_class():

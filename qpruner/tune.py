@@ -23,8 +23,17 @@ from ray.tune import Callback
 from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
 from qpruner.plan import RunPlan, check_storage, make_plan
-from qpruner.results import ADAPTERS, RecordedFailure, adapter_path, killed_trials, record_from_trial, recorded_failure, \
-    recorded_result, write_atomic, write_json_atomic
+from qpruner.results import (
+    ADAPTERS,
+    RecordedFailure,
+    adapter_path,
+    killed_trials,
+    record_from_trial,
+    recorded_failure,
+    recorded_result,
+    write_atomic,
+    write_json_atomic,
+)
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside the output folder
 SEARCHER_RECORD = "searcher.json"  # the searcher's counts (proposals answered from the record)
@@ -305,23 +314,30 @@ def check_fits_cpu_nodes(cfg: Config) -> None:
     print("[qpruner] resources.gpu: auto found no GPU in the Ray cluster: trials run on CPUs", flush=True)
 
 
-def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None]:
-    """The first Tune configs: importance-aware bit vectors (QPruner's probabilistic decision) or random
-    ones, with per-unit ranks drawn the same way when ranks are searched (anchors keep lora.rank). With
-    `search.layer_groups` a group's importance is its layers' mean and its memory their sum."""
+def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None, object]:
+    """The first Tune configs, the layer importance (or None), and the sensitivity table per search unit
+    (or None): importance-aware bit vectors (QPruner's probabilistic decision) or random ones, with
+    per-unit ranks drawn the same way when ranks are searched (anchors keep lora.rank). With
+    `search.layer_groups` a group's importance is its layers' mean and its memory their sum. With
+    `search.sampler: model` the table is measured (a Ray task, cached) and the first configs are the
+    anchors and points of the table's own front (qpruner.predict.first_points)."""
     import ray
 
     from qpruner.importance import importance_task
     from qpruner.memory import shapes_from_config, weight_bytes
-    from qpruner.search import config_from_bits, expand, initial_configs, initial_ranks, layer_groups, random_configs, \
-        search_units
+    from qpruner.search import config_from_bits, expand, initial_configs, initial_ranks, layer_groups, random_configs, search_units
 
+    if plan.cfg.search.sampler == "model":
+        from qpruner.predict import first_points
+
+        table = sensitivity_units(plan)
+        return first_points(table, plan.cfg.search.n_init, plan.cfg.search.anchors), None, table
     cfg, n_layers = plan.cfg, plan.n_layers
     search, units = cfg.search, search_units(plan.cfg, plan.n_layers)
     if search.init == "random":
         bits = random_configs(units, cfg.quant.bits, search.n_init, search.seed)
         ranks = random_configs(units, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
-        return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None
+        return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None, None
     task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
     importance = ray_get(task.remote(plan))
     unit_importance = [float(sum(importance[i] for i in g) / len(g)) for g in layer_groups(n_layers, units)]
@@ -334,7 +350,23 @@ def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None]:
         n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0
         ranks = ranks[:n_anchors] + initial_ranks(unit_importance, search.ranks, len(bits) - n_anchors,
                                                   search.temperature, search.seed)
-    return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance
+    return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance, None
+
+
+def sensitivity_units(plan: RunPlan):
+    """The sensitivity table (a Ray task on a trial's resources; cached per pruned model), kept in the run
+    folder for the report and `qpruner predict`, summed per search unit."""
+    import ray
+
+    from qpruner.predict import SensitivityTable, UnitTable, sensitivity_task, table_path
+    from qpruner.search import search_units
+
+    print("[qpruner] measuring the sensitivity table (each layer at each choice, one at a time)", flush=True)
+    task = ray.remote(sensitivity_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
+    table = SensitivityTable.from_json(ray_get(task.remote(plan)))
+    print(f"[qpruner] sensitivity table: {table.seconds:.1f}s on {table.tokens} validation tokens", flush=True)
+    write_json_atomic(table.to_json(), table_path(plan.out))
+    return UnitTable.from_table(table, search_units(plan.cfg, plan.n_layers), plan.cfg.search.sensitivity)
 
 
 def asha_max_t(cfg: Config) -> int:
@@ -346,8 +378,9 @@ def asha_max_t(cfg: Config) -> int:
     return min(before_end, cfg.search.asha.max_t) if cfg.search.asha.max_t else before_end
 
 
-def build_tuner(plan: RunPlan, points: list, restore: bool):
-    """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA."""
+def build_tuner(plan: RunPlan, points: list, restore: bool, unit_table=None):
+    """A Tuner (new or restored) over the qpruner trainable with OptunaSearch and ASHA; `unit_table` is the
+    sensitivity table the `model` sampler proposes from (a restored searcher brings its own)."""
     from ray import tune
 
     from qpruner.search import make_searcher, param_space, search_units
@@ -374,7 +407,7 @@ def build_tuner(plan: RunPlan, points: list, restore: bool):
             reduction_factor=cfg.search.asha.reduction_factor,
             stop_last_trials=False,  # a trial past the top rung finishes its training and evaluation
         )
-    searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD)
+    searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD, units=unit_table)
     return tune.Tuner(
         trainable,
         param_space=param_space(units, cfg.quant.bits, cfg.search.ranks),
@@ -469,13 +502,14 @@ def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, ove
         marker.update(run_key=run_key(cfg), config=cfg.to_dict())
     write_json_atomic({**marker, "pruned_path": str(pruned.path)}, out / "run.json")
     points: list = []
+    unit_table = None
     if not restore:
-        points, importance = first_configs(plan)
+        points, importance, unit_table = first_configs(plan)
         initial = {"initial": [bits_from_config(p, plan.n_layers) for p in points]}
         if plan.cfg.search.ranks:
             initial["initial_ranks"] = [ranks_from_config(p, plan.n_layers) for p in points]
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
-    build_tuner(plan, points, restore).fit()
+    build_tuner(plan, points, restore, unit_table).fit()
     check_interrupted(out)
     check_not_all_failed(out)
     if plan.cfg.search.baselines:
