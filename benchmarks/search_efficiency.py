@@ -7,8 +7,10 @@ unless --rebuild). Phase 2 runs each arm as a real Ray Tune + OptunaSearch (+ AS
 trainable replays the recorded trial, so arms differ only in what they choose and when they stop;
 a trial's compute is the recorded seconds up to where it stopped.
 
-Arms (3 seeds each, with and without ASHA): importance-aware init + GP (qpruner), random init + GP
-(the paper's protocol: 10 random points, then BO), importance init + TPE, and random search.
+Arms (3 seeds each, with and without ASHA): the performance-model sampler (qpruner.predict: the
+sensitivity table's front first, then Thompson sampling on the fitted model; the table's measured cost
+is charged to it before its first trial), importance-aware init + GP (qpruner), random init + GP (the
+paper's protocol: 10 random points, then BO), importance init + TPE, and random search.
 Memory objective: the exact weight bytes (--memory weights, default), which dominate a 7B model's
 fine-tuning peak; on the tiny model the estimated peak is 99% activations, so it barely varies
 between bit patterns (--memory peak uses it anyway). Hypervolume: accuracy above the table's worst
@@ -32,6 +34,7 @@ from benchmarks.common import RESULTS, mean_std, tiny_recipe, write_result
 
 TABLE = RESULTS / "search_table_tiny.json"
 ARMS = {  # name: (sampler, init, n_init)
+    "model sampler": ("model", "table", 4),
     "importance+GP": ("gp", "importance", 4),
     "random-init+GP": ("gp", "random", 10),
     "importance+TPE": ("tpe", "importance", 4),
@@ -43,9 +46,9 @@ def build_table(raw: dict) -> dict:
     """Run all 2^L bit vectors for real; keep each one's report curve and final result."""
     from tqdm.auto import tqdm
 
+    from qpruner.importance import pruned_importance
     from qpruner.plan import resolved_config
     from qpruner.prune import prune_cached, pruned_layer_count
-    from qpruner.importance import pruned_importance
 
     cfg = resolved_config(raw)
     pruned = prune_cached(cfg, progress=False)
@@ -73,8 +76,8 @@ def run_recorded(cfg, pruned_path: str, bits: list[int]) -> dict:
 
 def add_weight_bytes(table: dict, raw: dict) -> None:
     """Every row's exact weight bytes, from the pruned model's shapes (no trial needed)."""
-    from qpruner.plan import resolved_config
     from qpruner.memory import shapes_from_config, weight_bytes
+    from qpruner.plan import resolved_config
     from qpruner.prune import prune_cached
 
     cfg = resolved_config(raw)
@@ -107,7 +110,27 @@ def replay(config: dict, table: dict) -> None:
                  "memory_gb": row["memory_gb"], "seconds": row["seconds"], "step": table["max_steps"], "final": True})
 
 
-def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storage: Path) -> list[dict]:
+def sensitivity_units(raw: dict) -> tuple[object, dict]:
+    """The tiny pruned model's sensitivity table per layer (qpruner.predict, measured now unless cached) and
+    its cost beside one real trial's, measured in the same process: {"table_s", "trial_s", "cached"}."""
+    from qpruner.plan import resolved_config
+    from qpruner.predict import UnitTable, sensitivity_table
+    from qpruner.prune import load_pruned, prune_cached, pruned_layer_count
+    from qpruner.trial import run_trial
+
+    cfg = resolved_config(raw)
+    pruned = prune_cached(cfg, progress=False)
+    model, tokenizer = load_pruned(str(pruned.path), dtype=cfg.quant.compute_dtype)
+    started = time.perf_counter()
+    sens = sensitivity_table(model, tokenizer, cfg, pruned.path.name)
+    cached = time.perf_counter() - started < 0.5 * sens.seconds
+    started = time.perf_counter()
+    run_trial(cfg, str(pruned.path), [min(cfg.quant.bits)] * pruned_layer_count(pruned.path))
+    cost = {"table_s": sens.seconds, "trial_s": time.perf_counter() - started, "cached": cached, "tokens": sens.tokens}
+    return UnitTable.from_table(sens, len(sens.kl), cfg.search.sensitivity), cost
+
+
+def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storage: Path, units=None) -> list[dict]:
     """One real Tune + Optuna search over the recorded table; the trials in creation order."""
     from ray import tune
 
@@ -123,6 +146,10 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
                                  weight_fn=lambda b: table["rows"][",".join(map(str, b))]["weight_bytes"])
     elif init == "random":
         points = random_configs(n, cfg.quant.bits, n_init, seed)
+    elif init == "table":  # as qpruner.tune.first_configs with search.sampler: model
+        from qpruner.predict import first_points
+
+        points = [[p[f"b{i}"] for i in range(n)] for p in first_points(units, n_init)]
     else:
         points = []
     scheduler = None
@@ -136,7 +163,7 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     tuner = tune.Tuner(
         tune.with_parameters(replay, table=table),
         param_space=param_space(n, cfg.quant.bits),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points]),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points], units=units),
                                     scheduler=scheduler, num_samples=trials),
         run_config=tune.RunConfig(storage_path=str(storage), name=f"{arm}-{asha}-{seed}".replace(" ", "_").replace("+", "_"),
                                   verbose=0),
@@ -155,8 +182,8 @@ def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
     """tune_configs/tiny.yaml's own search (its sampler, first points, trial count, concurrency and ASHA) replayed
     for `seeds` search seeds on the fine-tuning peak, as the default run minimises it: front size, trials
     completed, repeated configurations."""
-    from qpruner.plan import resolved_config
     from qpruner.pareto import pareto_mask
+    from qpruner.plan import resolved_config
 
     cfg = resolved_config(tiny_recipe())
     use_memory(table, "peak")
@@ -171,11 +198,12 @@ def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
     return {"runs": out, "min_front": min(r["front"] for r in out), "settings": tiny_recipe()["search"]}
 
 
-def hv_curve(trials: list[dict], ref: tuple[float, float]) -> list[tuple[int, float, float]]:
-    """(trials done, trial compute seconds so far, hypervolume of the completed ones) after each trial."""
+def hv_curve(trials: list[dict], ref: tuple[float, float], overhead_s: float = 0.0) -> list[tuple[int, float, float]]:
+    """(trials done, trial compute seconds so far, hypervolume of the completed ones) after each trial;
+    `overhead_s` is compute spent before the first trial (the model sampler's sensitivity table)."""
     from qpruner.pareto import hypervolume
 
-    curve, seconds, acc, mem = [], 0.0, [], []
+    curve, seconds, acc, mem = [], overhead_s, [], []
     for i, t in enumerate(trials, 1):
         seconds += t["seconds"]
         if t["final"]:
@@ -227,9 +255,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rebuild", action="store_true", help="re-run phase 1 even if the table exists")
     parser.add_argument("--memory", choices=["weights", "peak"], default="weights", help="the memory objective")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
     parser.add_argument("--default-seeds", type=int, default=0,
                         help="only replay tiny.yaml's own search for this many seeds (front sizes) and stop")
     args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",")]
+    if any(a not in ARMS for a in arms):
+        parser.error(f"--arms: use a subset of {', '.join(ARMS)}")
     stale = TABLE.is_file() and "val_logprob" not in next(iter(json.loads(TABLE.read_text())["rows"].values()))["curve"][0]
     if args.rebuild or stale or not TABLE.is_file():
         TABLE.parent.mkdir(parents=True, exist_ok=True)
@@ -251,14 +283,18 @@ def main() -> None:
     best_hv = hypervolume([r["accuracy"] for r in rows], [r["memory_gb"] for r in rows], *ref)
     to_gb = lambda trials: [{**t, "memory_bytes": t["memory_bytes"] / 1024**3} for t in trials]  # noqa: E731
 
+    units, cost = sensitivity_units(tiny_recipe())
+    # the table's cost in the recorded trials' seconds: measured beside one trial now, scaled to the table's trials
+    table_s = cost["table_s"] / cost["trial_s"] * float(np.mean([r["seconds"] for r in rows]))
+    print(f"[search_efficiency] sensitivity table {cost}: charged {table_s:.1f} recorded-trial seconds", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for arm, asha in itertools.product(ARMS, (False, True)):
+        for arm, asha in itertools.product(arms, (False, True)):
             curves, saved = [], []
             for seed in range(args.seeds):
-                trials = search_arm(table, arm, asha, seed, args.trials, Path(tmp))
-                curves.append(hv_curve(to_gb(trials), ref))
+                trials = search_arm(table, arm, asha, seed, args.trials, Path(tmp), units=units)
+                curves.append(hv_curve(to_gb(trials), ref, table_s if ARMS[arm][0] == "model" else 0.0))
                 saved.append(sum(table["max_steps"] - t["steps"] for t in trials if not t["final"]))
             summary[(arm, asha)] = {"curves": curves, "steps_saved": saved}
             print(f"[search_efficiency] {arm} asha={asha}: final hv / best {[round(c[-1][2] / best_hv, 3) for c in curves]}", flush=True)
@@ -274,15 +310,18 @@ def main() -> None:
             "curves": [[list(p) for p in c] for c in runs["curves"]],
         }
     claims = {}
-    for asha in (False, True):
+    for asha, arm in itertools.product((False, True), [a for a in arms if a != "random-init+GP"]):
         suffix = " + ASHA" if asha else ""
+        if f"random-init+GP{suffix}" not in results:
+            break
         target = results[f"random-init+GP{suffix}"]["final_hypervolume"]["mean"]
         full = results[f"random-init+GP{suffix}"]["trial_compute_s"]["mean"]
-        reach = [seconds_to_reach(c, target) for c in summary[("importance+GP", asha)]["curves"]]
-        claims[f"importance+GP{suffix} compute to reach random-init+GP final hv"] = {
+        reach = [seconds_to_reach(c, target) for c in summary[(arm, asha)]["curves"]]
+        claims[f"{arm}{suffix} compute to reach random-init+GP final hv"] = {
             "seconds": reach, "random_init_total_s": full,
             "fraction": [None if s is None else s / full for s in reach],
-            "at_most_half": all(s is not None and s <= 0.5 * full for s in reach)}
+            "at_most_half": all(s is not None and s <= 0.5 * full for s in reach),
+            "at_most_third": all(s is not None and s <= full / 3 for s in reach)}
     png = RESULTS / "search_efficiency.png"
     plot(summary, best_hv, png)
     write_result("search_efficiency", {
@@ -290,6 +329,7 @@ def main() -> None:
         "memory_objective": args.memory,
         "trials_per_search": args.trials, "seeds": args.seeds, "reference_point": {"accuracy": ref[0], "memory_gb": ref[1]},
         "hypervolume_all_configs": best_hv, "table_seconds": sum(r["seconds"] for r in rows),
+        "sensitivity_table": {**cost, "charged_recorded_trial_s": table_s},
         "arms": results, "claims": claims, "plot": png.name})
 
 
