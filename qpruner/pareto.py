@@ -44,11 +44,16 @@ def completed(table: pa.Table) -> pa.Table:
 # Front and hypervolume.
 
 
+TIE = 1e-9  # accuracies closer than this are equal: a mean over tasks summed in another order differs in the last bit
+
+
 def pareto_mask(acc: Sequence[float], mem: Sequence[float]) -> np.ndarray:
     """Non-dominated points (accuracy max, memory min); of exact duplicates only the first is kept.
 
     Sort by memory ascending (ties: accuracy descending, then index); a point is on the front iff its
-    accuracy beats every point before it, so equal-in-one, worse-in-the-other points are dominated.
+    accuracy beats every point before it by more than TIE, so equal-in-one, worse-in-the-other points are
+    dominated, and a dearer point whose accuracy differs from a cheaper one's only by float rounding is not
+    on the front.
     """
     acc, mem = np.asarray(acc, dtype=float), np.asarray(mem, dtype=float)
     if acc.size == 0:
@@ -57,7 +62,7 @@ def pareto_mask(acc: Sequence[float], mem: Sequence[float]) -> np.ndarray:
     sorted_acc = acc[order]
     best_before = np.concatenate(([-np.inf], np.maximum.accumulate(sorted_acc)[:-1]))
     mask = np.zeros(len(acc), dtype=bool)
-    mask[order] = sorted_acc > best_before
+    mask[order] = sorted_acc > best_before + TIE
     return mask
 
 

@@ -388,3 +388,10 @@ def test_results_record_both_metrics_and_headers_name_them():
     assert (r["acc_hellaswag"], r["acc_norm_hellaswag"], r["acc_boolq"], r["acc_norm_boolq"]) == (0.4, 0.5, 0.7, None)
     assert metric_columns(t.column_names) == ["acc_boolq", "acc_hellaswag", "acc_norm_boolq", "acc_norm_hellaswag"]
     assert column_label("acc_norm_hellaswag") == "hellaswag (acc_norm)" and column_label("acc_boolq") == "boolq (acc)"
+
+
+def test_a_dearer_point_tied_up_to_float_rounding_is_not_on_the_front():
+    """0.7333333333333334 vs 0.7333333333333333 (one mean summed in another order) is a tie, not a gain."""
+    from qpruner.pareto import pareto_mask
+
+    assert pareto_mask([0.7333333333333333, 0.7333333333333334, 0.75], [1.0, 2.0, 3.0]).tolist() == [True, False, True]
