@@ -61,12 +61,13 @@ def sensitivity(args) -> tuple[object, float]:
     return table, time.perf_counter() - started
 
 
-def correlations(units, idx: list, y: list, rng: np.random.Generator, draws: int = 20) -> dict:
-    """Spearman of the table alone, and after refitting on 4 and 8 configurations (mean over draws)."""
+def correlations(units, idx: list, y: list, rng: np.random.Generator, draws: int = 20, sizes=(4, 8)) -> dict:
+    """Spearman of the table alone, and after refitting on `sizes` configurations (mean over draws, each
+    predicting the configurations it was not fitted on)."""
     from qpruner.predict import PerformanceModel, _spearman, prior_spearman
 
     out = {"n": len(y), "table_alone": prior_spearman(units, idx, y)}
-    for k in (4, 8):
+    for k in sizes:
         if len(y) < k + 3:
             out[f"refit_{k}"] = None
             continue
@@ -83,7 +84,8 @@ def correlations(units, idx: list, y: list, rng: np.random.Generator, draws: int
 
 
 def equal_memory(units, idx: list, y: list) -> dict:
-    """Table-alone Spearman within each set of configurations of equal memory (within 5%), pooled by rank."""
+    """Table-alone Spearman within each set of configurations with the same number of 8-bit units (their memory
+    differs by less than 5%: only the choice of units differs)."""
     from qpruner.predict import prior_spearman
 
     mem = np.array([units.memory_bytes(i) for i in idx])

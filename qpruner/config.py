@@ -293,9 +293,8 @@ class SearchConfig:
 
     num_samples: int = 8
     concurrency: int = 2
-    # model: the performance model of qpruner/predict.py (sensitivity table + Bayesian fit, Thompson sampling)
     sampler: Literal["gp", "tpe", "nsga2", "random", "model"] = "tpe"
-    sensitivity: Literal["kl", "fisher"] = "kl"  # the performance model's per-layer table (qpruner/predict.py)
+    sensitivity: Literal["kl", "fisher"] = "kl"  # the `model` sampler's per-layer table: logit KL or AutoQuantize's score
     init: Literal["importance", "random"] = "importance"
     n_init: int = 4  # importance-drawn first configurations (plus the uniform anchors)
     anchors: bool = True  # also try uniform-lowest and uniform-highest bits first

@@ -87,7 +87,8 @@ SUPPLEMENT = {
     "eval.batch_size": "lm-eval batch size",
     "search.num_samples": "trials in the search (the baselines come on top)",
     "search.concurrency": "trials run at once",
-    "search.sampler": "Optuna sampler: `gp` (GPSampler, the paper's Gaussian process), `tpe`, `nsga2`, `random`",
+    "search.sampler": "Optuna sampler: `gp` (GPSampler, the paper's Gaussian process), `tpe`, `nsga2`, `random`, or `model` "
+                      "(the performance model: [how-it-works.md](how-it-works.md#the-performance-model))",
     "search.init": "first configurations drawn from layer importance, or at random (the ablation)",
     "search.importance": "per-layer importance measure: `mi` (the paper's), `quant_loss`, `taylor` (needs `prune.method: taylor`)",
     "search.seed": "seed of the sampler and of the importance draws",

@@ -686,6 +686,7 @@ def run_model(run: str | Path) -> Optional[dict]:
     n_layers = len(table.kl)
     units = UnitTable.from_table(table, search_units(cfg, n_layers), cfg.search.sensitivity)
     done = [r for r in completed(read_results(run)).to_pylist() if not str(r["trial_id"]).startswith("baseline:")]
+    done.sort(key=lambda r: r.get("finished_at") or r.get("started_at") or 0)  # in the order they arrived
     idx = [units.index(_unit_params(r, units)) for r in done]
     y = [float(r["accuracy"]) for r in done]
     mem = [float(r["memory_bytes"]) for r in done]
@@ -725,8 +726,11 @@ def write_predictions(run: str | Path) -> Optional[dict]:
              "ranks": expand([units.choices[c][1] for c in r["choices"]], n_layers) if units.choices[0][1] else None}
             for r in front]
     write_parquet_atomic(pa.Table.from_pylist(rows), run / "predicted_front.parquet")
-    quality = {"sensitivity": fitted["kind"], "trials": len(fitted["y"]),
-               "loo_spearman": loo_spearman(units, fitted["idx"], fitted["y"]),
+    idx, y = fitted["idx"], fitted["y"]
+    quality = {"sensitivity": fitted["kind"], "trials": len(y),
+               "loo_spearman": loo_spearman(units, idx, y),
+               # as trials arrived (completion order): the leave-one-out figure over the first k completed trials
+               "loo_spearman_by_trials": {k: loo_spearman(units, idx[:k], y[:k]) for k in range(4, len(y) + 1)},
                "table_spearman": prior_spearman(units, fitted["idx"], fitted["y"]),
                "table_seconds": fitted["table"].seconds, "table_tokens": fitted["table"].tokens,
                "fitted": fitted["model"].fitted}
@@ -742,9 +746,11 @@ def quality_lines(quality: dict, trial_seconds: Optional[float] = None) -> list[
     cost = f"{quality['table_seconds']:.0f}s on {quality['table_tokens']} validation tokens"
     if trial_seconds:
         cost += f" (a completed trial took {trial_seconds:.0f}s on average)"
+    arrived = ", ".join(f"{k}: {rho(v)}" for k, v in quality.get("loo_spearman_by_trials", {}).items() if v is not None)
     return [f"- Sensitivity table (`{quality['sensitivity']}`): {cost}.",
             f"- Predictor quality over {quality['trials']} completed trials: leave-one-out Spearman {rho(quality['loo_spearman'])} "
-            f"against the measured accuracy; the table alone ranks them at {rho(quality['table_spearman'])}.",
+            f"against the measured accuracy; the table alone ranks them at {rho(quality['table_spearman'])}."
+            + (f" As trials arrived (completed trials: Spearman): {arrived}." if arrived else ""),
             "- Predicted front (dashed in pareto.png, band = ±1 standard deviation): `predicted_front.parquet`; "
             "`qpruner predict --run <this folder> --max-memory-gb X` gives the best configuration under X GB."]
 

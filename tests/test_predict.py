@@ -265,3 +265,27 @@ def test_predict_command_answers_a_budget_from_the_run(model_run):
     proc = subprocess.run([sys.executable, "-m", "qpruner", "predict", "--run", str(out), "--max-memory-gb", "0.000001"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--max-memory-gb" in proc.stderr
+
+
+def test_predict_command_from_the_recipe_alone_without_training(model_run):
+    """--config: prune (cached) and the sensitivity table (cached by the run above), no trial: a table score."""
+    recipe, out, _ = model_run
+    proc = subprocess.run([sys.executable, "-m", "qpruner", "predict", "--config", str(recipe), "--max-memory-gb", "1"],
+                          cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "table score" in proc.stdout and "no trial to calibrate" in proc.stdout and "bits per layer" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "qpruner", "predict", "--config", str(recipe), "--run", str(out),
+                           "--max-memory-gb", "1"], cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--run/--config" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grouped_units_sum_their_layers():
+    from qpruner.predict import SensitivityTable
+
+    table = SensitivityTable([[4, None], [8, None]], kl=[[float(i + 1), 0.1] for i in range(5)], fisher=[[1.0, 0.0]] * 5,
+                             layer_bytes=[[10, 20]] * 5, offset_bytes=7, memory_objective="weights", tokens=1, seconds=1.0)
+    units = UnitTable.from_table(table, 2, "kl")  # layers 0-2 and 3-4
+    assert units.score.tolist() == [[6.0, 0.30000000000000004], [9.0, 0.2]]
+    assert units.cost.tolist() == [[30.0, 60.0], [20.0, 40.0]]
+    assert units.params([1, 0]) == {"b0": 8, "b1": 4} and units.index({"b0": 8, "b1": 4}) == [1, 0]
+    assert units.memory_bytes([1, 0]) == 7 + 60 + 20
