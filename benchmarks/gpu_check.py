@@ -4,8 +4,9 @@ Parts (each writes benchmarks/results/gpu_<part>.json):
 
 - `taylor`: the peak GPU memory of Taylor-pruning a LLaMA-7B-shaped model (random weights; memory does not
   depend on their values) with qpruner.prune.taylor.prune_model as it is, at 20%, 10 calibration rows of
-  128 tokens, in bf16 (and the seconds it takes). It is the "before" of the pruning-memory work: the
-  backward pass holds the model, every decoder weight's gradient, and a float32 |w g| score per weight.
+  128 tokens, in bf16 (and the seconds it takes). Its committed result (gpu_taylor.json, 37.5 GiB) was
+  measured before the pruning-memory work, when the backward pass held every decoder weight's gradient
+  and a float32 |w g| score per weight; a rerun measures the streaming scores (analytic: 15.0 GiB).
 - `memory`: the fine-tuning memory study of benchmarks/gpu_memory.py (uniform 16 / 4 / 8 and a mixed
   pattern on the pruned LLaMA-7B shape, against the paper's 35.06 / 21.33 GB). It uses qpruner.standalone's
   loader and bitsandbytes + peft directly, not run_trial (that is still to do, issue 25).

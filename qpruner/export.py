@@ -71,7 +71,7 @@ def find_adapter(run: Path, trial_id: str) -> Path:
         raise QPrunerError(
             f"trial {trial_id}: its adapter is missing from {adapter} although output.keep_adapters ({keep}) keeps it; "
             "the trial's node wrote it there when the trial finished, so that node did not share the run folder (or it "
-            "was removed): put --out on storage every node mounts at the same path (README: Run on a GPU cluster) and "
+            "was removed): put --out on storage every node mounts at the same path (docs/cluster.md) and "
             "run that configuration again"
         )
     raise QPrunerError(

@@ -25,7 +25,8 @@ def cfg_for(cache: Path, **prune):
     return resolved_config({"prune": prune, "output": {"cache_dir": str(cache)}})
 
 
-@pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second", "calibration": {"n_samples": 6}}, {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
+@pytest.mark.parametrize("prune", [{"ratio": 0.2}, {"ratio": 0.3, "taylor_order": "second", "calibration": {"n_samples": 6}},
+                                   {"ratio": 0.5, "first_layer": 0, "last_layer": 6}])
 def test_ratio_and_gqa_structure(cache, prune):
     result = prune_cached(cfg_for(cache, **prune), progress=False)
     assert abs(result.overall_ratio - prune["ratio"]) <= 0.02

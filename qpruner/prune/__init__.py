@@ -8,7 +8,7 @@ from qpruner.prune.store import (
     pruned_layer_count,
     save_pruned,
 )
-from qpruner.prune.taylor import plan_pruning, prune_model, prunable_layers
+from qpruner.prune.taylor import plan_pruning, prunable_layers, prune_model
 
 __all__ = [
     "PruneResult", "load_pruned", "prune_cached", "prune_with_ray", "pruned_layer_count", "save_pruned",

@@ -1,8 +1,9 @@
 """Pruned models on disk, without pickle, and the run-once cache.
 
 A pruned folder holds model.safetensors, the source model's config (any supported family, see
-qpruner.families) whose `qpruner_layers` lists each decoder layer's head counts and intermediate size, the tokenizer, `qpruner_prune.json` (what was done), and a
-`COMPLETE` marker written last. The folder is keyed by a hash of (model, pruning, calibration).
+qpruner.families) whose `qpruner_layers` lists each decoder layer's head counts and intermediate size,
+the tokenizer, `qpruner_prune.json` (what was done), and a `COMPLETE` marker written last. The folder is
+keyed by a hash of (model, pruning, calibration).
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from qpruner.config import Config
-from qpruner.errors import QPrunerError
 from qpruner.prune.structure import head_dim_of, layer_shape
 
 COMPLETE = "COMPLETE"
@@ -119,14 +117,13 @@ def _result(path: Path, key: str, meta: dict, cached: bool) -> PruneResult:
 
 def _build(cfg: Config, key: str, path: Path, progress: bool) -> None:
     """Prune into a temp folder, write COMPLETE last, then rename into place."""
-    from qpruner.data import calibration_texts
     from qpruner.config import SPARSE_METHODS
+    from qpruner.data import calibration_texts
     from qpruner.model import load_model, resolve_model, source_info
+    from qpruner.plan import task_device
     from qpruner.prune.slimgpt import prune_slimgpt
     from qpruner.prune.sparse import prune_sparse, zero_count
     from qpruner.prune.taylor import prune_model
-
-    from qpruner.plan import task_device
 
     started = time.time()
     device = task_device()  # inside Ray: only a GPU the prune task was given
