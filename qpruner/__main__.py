@@ -19,7 +19,7 @@ VERBS = {
 
 def usage() -> str:
     lines = ["usage: qpruner VERB [options]   (qpruner VERB --help for its options)", "", "verbs:"]
-    return "\n".join(lines + [f"  {verb:<7} {what}" for verb, (_, what) in VERBS.items()])
+    return "\n".join(lines + [f"  {verb:<8} {what}" for verb, (_, what) in VERBS.items()])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

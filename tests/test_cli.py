@@ -17,8 +17,9 @@ def test_verbs_dispatch_to_the_modules(capsys, tmp_path):
     assert code == 2 and all(verb in out for verb in VERBS)
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and "qpruner VERB" in out
+    assert all(f"  {verb} " in out for verb in VERBS)  # a space between each verb and its description
     code, _, err = run(["frob"], capsys)
-    assert code == 2 and err.strip() == "error: unknown verb 'frob'; use one of tune, trial, prune, report, export"
+    assert code == 2 and err.strip() == f"error: unknown verb 'frob'; use one of {', '.join(VERBS)}"
     code, _, err = run(["report", str(tmp_path / "missing")], capsys)  # the report module's own one-line error
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing" in err
     code, out, _ = run(["export", "--help"], capsys)
