@@ -1,12 +1,17 @@
 """The GPU check (issue 25, item 8): what qpruner's CUDA path costs on a real GPU, in one command.
 
-    python -m benchmarks.gpu_check                    # on a CUDA machine: all parts, about 7 minutes on one H200
-    python -m benchmarks.gpu_check --dry-run          # on the CPU: every part's plumbing in tiny shapes (seconds)
+    python -m benchmarks.gpu_check                    # on a CUDA machine: all parts, budget about 7.5 minutes on one H200
+    python -m benchmarks.gpu_check --dry-run          # on the CPU: every part's plumbing in tiny shapes
+                                                      # (about 2.5 min on 2 busy cores: each trial is a process)
 
-Parts (`--parts`, in this order; each writes benchmarks/results/gpu_<part>.json, or $QPRUNER_BENCH_RESULTS/):
+Parts (`--parts`, in this order; each writes benchmarks/results/gpu_<part>.json, or $QPRUNER_BENCH_RESULTS/; a dry
+run writes gpu_<part>_dry_run.json):
 
-- `memory` (budget about 3.5 min on an H200: ~40 s to write the random 7B folder, then ~40 s per trial): the
-  fine-tuning memory study through the product's own path. A LLaMA-7B-shaped model with random weights (memory and
+- `tests` (budget about 30 s): the CUDA-only tests (GPU_TESTS: they skip without a GPU) with pytest; passed, skipped
+  and failed counts. The project has no `gpu` marker yet, so they are named here.
+- `memory` (gpu_memory_trial.json, beside gpu_memory.json of the standalone study; budget about 3.5 min on an
+  H200: ~40 s to write the random 7B folder, then ~40 s per trial): the fine-tuning memory study through the
+  product's own path. A LLaMA-7B-shaped model with random weights (memory and
   speed do not depend on their values), pruned 20% in the shapes qpruner's planner gives (layers 4..30), is written
   as a pruned folder (qpruner.prune.store's format: config.json with `qpruner_layers`, model.safetensors, a
   tokenizer) and each configuration (uniform 16, 4, 8 and a mixed 4/8 pattern) runs as one
@@ -62,7 +67,9 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
 TINY_PACK = dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
-PART_ORDER = ("memory", "packing", "taylor")
+PART_ORDER = ("tests", "memory", "packing", "taylor")
+GPU_TESTS = ("tests/test_memory.py::test_training_window_leaves_out_what_happens_outside_it",
+             "tests/test_finetune.py::test_paged_adamw_trains_lora_on_cuda")
 WORKER_TIMEOUT_S = 300
 
 
@@ -238,6 +245,23 @@ def paged_bytes(result: dict) -> int:
 
 # --- the parts ----------------------------------------------------------------------------------------------
 
+def tests_part(work: Path) -> dict:
+    """Run GPU_TESTS with pytest (in a subprocess: the parent keeps no CUDA context); the outcome of each."""
+    import xml.etree.ElementTree as ET
+
+    report = work / "gpu_tests.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "", "-q", "-rs", "-p", "no:cacheprovider", "--timeout", "300",
+                           f"--junitxml={report}", *GPU_TESTS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    outcomes = {}
+    if report.is_file():
+        for case in ET.parse(report).iter("testcase"):
+            kinds = [child.tag for child in case if child.tag in ("skipped", "failure", "error")]
+            outcomes[f"{case.get('classname')}::{case.get('name')}"] = kinds[0] if kinds else "passed"
+    counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "skipped", "failure", "error")}
+    return {"tests": list(GPU_TESTS), "returncode": proc.returncode, "outcomes": outcomes, **counts,
+            "output_tail": proc.stdout[-1500:]}
+
+
 def memory_part(dry_run: bool, work: Path, cache: Path, tokenizer_dir: Path) -> dict:
     shape, first, last = (SMALL, 1, 3) if dry_run else (LLAMA_7B, 4, 30)
     layers = pruned_layer_shapes(shape, 0.2, first, last)
@@ -406,11 +430,16 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         cache = fresh_cache(work / "cache")
+        if "tests" in parts:
+            t = time.perf_counter()
+            result = tests_part(work)
+            timings["tests"] = result["seconds"] = time.perf_counter() - t
+            write_result(f"gpu_tests{suffix}", {"note": env_note, **result})
         if "memory" in parts:
             t = time.perf_counter()
             result = memory_part(args.dry_run, work, cache, tokenizer_dir)
             timings["memory"] = result["seconds"] = time.perf_counter() - t
-            write_result(f"gpu_memory{suffix}", {"note": env_note, **result})
+            write_result(f"gpu_memory_trial{suffix}", {"note": env_note, **result})
         if "packing" in parts:
             t = time.perf_counter()
             levels = tuple(int(x) for x in args.levels.split(","))

@@ -54,14 +54,16 @@ def test_footprint_counts_reserved_paged_and_context():
 
 @pytest.mark.slow
 def test_dry_run_writes_every_part(tmp_path, tiny_assets):
-    """The whole command on the CPU (about 2.5 min on 2 busy cores: each trial is its own Python process)."""
+    """The whole command on the CPU (about 3 min on 2 busy cores: each trial is its own Python process)."""
     env = {**os.environ, "QPRUNER_BENCH_RESULTS": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--levels", "1,2"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["gpu_memory_dry_run.json", "gpu_packing_dry_run.json",
-                                                               "gpu_taylor_dry_run.json"]
-    memory = json.loads((tmp_path / "gpu_memory_dry_run.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["gpu_memory_trial_dry_run.json", "gpu_packing_dry_run.json",
+                                                               "gpu_taylor_dry_run.json", "gpu_tests_dry_run.json"]
+    tests = json.loads((tmp_path / "gpu_tests_dry_run.json").read_text())
+    assert tests["skipped"] == len(gpu_check.GPU_TESTS) and tests["failure"] == tests["error"] == 0  # CUDA-only: skipped here
+    memory = json.loads((tmp_path / "gpu_memory_trial_dry_run.json").read_text())
     rows = memory["results"]
     assert list(rows) == ["uniform-16", "uniform-4", "uniform-8", "mixed-4/8 (8 on first/last quarter)"]
     for name, row in rows.items():
