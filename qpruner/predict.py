@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from qpruner.config import Config
+from qpruner.results import write_json_atomic
 
 SENSITIVITY_VERSION = 1  # bump when the stored numbers change meaning
 MAX_TOKENS = 2048  # validation tokens the table reads (first documents first)
@@ -120,8 +121,6 @@ def sensitivity_table(model, tokenizer, cfg: Config, model_key: str, tasks=None,
     layer_bytes, offset = memory_terms(model, cfg, choices)
     table = SensitivityTable([list(c) for c in choices], kl, fisher, layer_bytes, offset, cfg.search.memory_objective,
                              sum(len(s) for s in sequences), time.perf_counter() - started, settings)
-    from qpruner.results import write_json_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(table.to_json(), path)
     return table
@@ -712,7 +711,7 @@ def write_predictions(run: str | Path) -> Optional[dict]:
     the measured objective, and the table's own ranking's)."""
     import pyarrow as pa
 
-    from qpruner.results import write_json_atomic, write_parquet_atomic
+    from qpruner.results import write_parquet_atomic
     from qpruner.search import expand
 
     fitted = run_model(run)
