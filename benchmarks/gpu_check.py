@@ -38,7 +38,7 @@ sampled over the whole trial, + its paged optimizer bytes, which live in CUDA ma
 see, + the CUDA context, measured as the device memory in use right after a worker process created its context
 while it ran alone). `max_memory_allocated` alone undercounts all three.
 
-The trials use the built-in tiny model's tokenizer, fine-tuning data and tasks (qpruner.builtin, ~6 MB under
+The trials use the built-in tiny model's tokenizer, corpus (as full-length fine-tuning examples) and tasks (qpruner.builtin, ~6 MB under
 ~/.cache/qpruner/builtin: built on first use, or copied there before the run). On the GPU machine bitsandbytes, peft
 and lm-eval (with its dependencies) travel as wheels (benchmarks/README.md). The expected times above are budgets,
 not measurements: no GPU was lent when this version was written, so it has not yet run on CUDA (its --dry-run has).
@@ -138,14 +138,30 @@ def random_pruned_folder(shape: dict, layers: list[dict], folder: Path, tokenize
 
 # --- one trial in its own process ---------------------------------------------------------------------------
 
+def full_length_data(corpus: Path, out: Path, records: int = 64, words: int = 600) -> Path:
+    """Alpaca records whose responses are long stretches of the built-in corpus, so that every fine-tuning example is
+    truncated to finetune.max_length and every micro-batch is micro_batch x max_length tokens: the shape the
+    estimate and the paper's figures assume (the built-in records are a few dozen tokens, and batches are padded
+    only to their longest example)."""
+    text = corpus.read_text().split()
+    rows = [{"instruction": "Tell me about the animals.", "input": "",
+             "output": " ".join(text[(i * words) % max(len(text) - words, 1):][:words])} for i in range(records)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 def trial_recipe(cache: Path, out: Path, *, steps: int, micro_batch: int, seq_len: int, compute_dtype: str,
                  eval_limit: int = 2) -> dict:
-    """A trial's config (plain data): the built-in data and tasks, a minimal evaluation, no LoftQ; a GPU when there is one."""
+    """A trial's config (plain data): fine-tuning on full-length examples, the built-in tasks with a minimal
+    evaluation, no LoftQ; a GPU when there is one."""
+    from qpruner.builtin import ensure_tiny
+
+    data = full_length_data(ensure_tiny(cache, progress=False).corpus_path, out.parent / "full_length.jsonl")
     return {
         "model": {"name": "builtin:tiny"},  # not loaded: run_trial is given the pruned folder
         "quant": {"bits": [4, 8, 16], "compute_dtype": compute_dtype},
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.05, "loftq_iters": 0},
-        "finetune": {"data": "builtin", "batch_size": micro_batch, "micro_batch_size": micro_batch, "max_length": seq_len,
+        "finetune": {"data": str(data), "batch_size": micro_batch, "micro_batch_size": micro_batch, "max_length": seq_len,
                      "steps": steps, "report_every": steps, "val_limit": 2},
         "eval": {"tasks": ["builtin"], "limit": eval_limit, "batch_size": 4},
         "resources": {"cpu": 1, "gpu": "auto"},

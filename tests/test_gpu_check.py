@@ -42,6 +42,21 @@ def test_random_pruned_folder_loads_as_a_pruned_model(tmp_path, tiny_assets):
     assert model(ids).logits.shape[-1] == shape["vocab_size"]
 
 
+def test_trial_data_fills_every_example_to_max_length(tmp_path, tiny_assets):
+    """The memory figures are for micro_batch x max_length tokens: every fine-tuning example is truncated to it."""
+    from transformers import AutoTokenizer
+
+    from qpruner.finetune import load_alpaca, tokenize_dataset
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "builtin").symlink_to(tiny_assets.model_dir.parent.parent)
+    recipe = gpu_check.trial_recipe(cache, tmp_path / "runs", steps=2, micro_batch=4, seq_len=256, compute_dtype="bfloat16")
+    records = load_alpaca(recipe["finetune"]["data"])
+    examples = tokenize_dataset(records, AutoTokenizer.from_pretrained(tiny_assets.model_dir), 256)
+    assert len(examples) == 64 and {len(e["input_ids"]) for e in examples} == {256}
+
+
 def test_footprint_counts_reserved_paged_and_context():
     result = {"memory_measured": "torch.cuda.max_memory_allocated over the fine-tuning steps (...) + 3000 bytes of paged "
                                  "optimizer state (CUDA managed memory, from tensor sizes)",
