@@ -62,7 +62,9 @@ def apt_no_retraining(cfg: Config, tasks) -> dict:
 
     prune = {**dataclasses.asdict(cfg.prune), "method": "apt", "ratio": 0.0, "sparsity": apt_sparsity(cfg)}
     apt_cfg = config_from_dict({**cfg.to_dict(), "prune": prune, "search": {**cfg.to_dict()["search"], "importance": "mi"}})
-    model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, device=pick_device(cfg))
+    # in the trials' compute dtype: float32 would double a 7B model's 13 GB of bf16 weights
+    model, tokenizer = load_pruned(prune_cached(apt_cfg, progress=False).path, dtype=cfg.quant.compute_dtype,
+                                   device=pick_device(cfg))
     ev = evaluate_model(model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths, skip=tasks.held_out)
     bits = [16] * len(model.model.layers)
     return row("apt", bits, ev["mean_acc"], eval_record(ev), None, weight_bytes(model, bits, cfg.quant)["total"])
@@ -83,13 +85,18 @@ def unpruned(cfg: Config, tasks) -> dict:
 
 
 def run_baselines(plan) -> dict[str, dict]:
-    """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all."""
+    """Measure the configured baselines that baselines.json lacks, as parallel Ray tasks; returns them all.
+
+    Each reserves a whole GPU where trials were packed fractionally (the search has ended, and a dense
+    model needs more than a trial's share). One that runs out of memory is said in one line and left out
+    (a rerun measures it again); the run goes on."""
     import ray
 
-    from qpruner.errors import ray_get
+    from qpruner.errors import TrialOOM, ray_get
     from qpruner.results import write_json_atomic
+    from qpruner.tune import whole_gpu
 
-    cfg, out, resources = plan.cfg, Path(plan.out), plan.resources
+    cfg, out, resources = plan.cfg, Path(plan.out), {**plan.resources, "gpu": whole_gpu(plan.resources["gpu"])}
     done = load(out)
     todo = [b for b in cfg.search.baselines if b not in done]
     if not todo:
@@ -100,6 +107,10 @@ def run_baselines(plan) -> dict[str, dict]:
     while pending:
         ready, _ = ray.wait(list(pending))
         name = pending.pop(ready[0])
-        done[name] = ray_get(ready[0])
+        try:
+            done[name] = ray_get(ready[0], what=f"the {name} baseline")
+        except TrialOOM as exc:
+            print(f"[qpruner] baseline {name} not measured: {exc}", flush=True)
+            continue
         write_json_atomic(done, out / FILE)
     return done

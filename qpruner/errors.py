@@ -22,11 +22,47 @@ class ConfigError(QPrunerError):
         return (type(self), (self.field, self.reason))
 
 
-def ray_get(refs, **kwargs):
+class TrialOOM(QPrunerError):
+    """A trial (or a task on a trial's resources) ran out of memory: the GPU's (torch.cuda.OutOfMemoryError) or
+    the host's (torch's CPU allocator, MemoryError). An outcome of the configuration at its packing, not a
+    bug: the trial is recorded with status `oom` and its GPU fraction, and the searcher hears a constraint
+    violation (qpruner.search.RecordedOptunaSearch)."""
+
+    memory_bytes = None  # the trial's analytic peak when known (qpruner.trial sets it)
+
+    def __init__(self, stage: str, gpu_fraction: float | None = None, bits=None, detail: str = "", host: bool = False):
+        self.stage = stage
+        self.gpu_fraction = gpu_fraction
+        self.bits = list(bits) if bits is not None else None
+        self.detail = detail
+        self.host = host
+        where = "host" if host else "GPU"
+        packing = "" if gpu_fraction is None else f" at GPU fraction {gpu_fraction:g}"
+        shown = "" if self.bits is None else f" (bits {','.join(map(str, self.bits))})"
+        text = " ".join(str(detail).split())[:300]
+        super().__init__(f"out of {where} memory during {stage}{packing}{shown}" + (f": {text}" if text else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.gpu_fraction, self.bits, self.detail, self.host))
+
+
+# How a memory failure reads in a trial's error text: TrialOOM's own words, and what Ray's memory monitor
+# (ray.exceptions.OutOfMemoryError) and torch's allocators write.
+OOM_MARKERS = ("out of GPU memory", "out of host memory", "running low on memory", "OutOfMemoryError",
+               "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
+
+
+def out_of_memory(error) -> bool:
+    """Whether an error (text or exception) says the trial ran out of memory, on the GPU or the host."""
+    return bool(error) and any(marker in str(error) or marker in type(error).__name__ for marker in OOM_MARKERS)
+
+
+def ray_get(refs, what: str = "a Ray task", **kwargs):
     """`ray.get` that re-raises a QPrunerError raised inside a Ray task or actor as itself, so the user
-    sees the same one line as in the driver instead of a Ray traceback."""
+    sees the same one line as in the driver instead of a Ray traceback; a task that ran out of memory
+    (torch's allocators, or killed by Ray's memory monitor) becomes a TrialOOM naming `what` it was."""
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import OutOfMemoryError, RayTaskError
 
     try:
         return ray.get(refs, **kwargs)
@@ -34,7 +70,11 @@ def ray_get(refs, **kwargs):
         cause = getattr(exc, "cause", None)
         if isinstance(cause, QPrunerError):
             raise cause from None
+        if cause is not None and out_of_memory(cause):  # torch's CUDA or CPU allocator inside a task
+            raise TrialOOM(what, detail=str(cause), host="CUDA" not in str(cause)) from None
         raise
+    except OutOfMemoryError as exc:  # Ray's memory monitor killed the task's worker: the host ran low on memory
+        raise TrialOOM(what, detail=str(exc), host=True) from None
 
 
 def check_path(path, what: str) -> None:

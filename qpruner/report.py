@@ -108,12 +108,14 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     done = completed(results).to_pylist()
     early = [r for r in rows if r["status"] == "stopped_early"]
     failed = [r for r in rows if r["status"] == "failed"]
+    oom = [r for r in rows if r["status"] == "oom"]
     ref = reference_point(results)
     hv = curve[-1][2] if curve else 0.0
     lines = [f"# qpruner run: {name}", ""]
+    ended = len(done) + len(early) + len(failed) + len(oom)
     lines += [f"- Trials: {len(rows)}: {len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
-              + (f", {len(rows) - len(done) - len(early) - len(failed)} other (pending/running)"
-                 if len(rows) > len(done) + len(early) + len(failed) else "") + "."]
+              + (f", {len(oom)} out of memory" if oom else "")
+              + (f", {len(rows) - ended} other (pending/running)" if len(rows) > ended else "") + "."]
     lines += source_lines(source)
     lines += [f"- Repeat proposals answered from the record (not trained again): {repeats}."]
     lines += time_lines(rows)
@@ -141,6 +143,8 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
         lines += [f"| {r['trial_id']} | {compact_bits(r['bits'])} | {r['steps']} / {run_max_steps(rows, r) or '?'} | "
                   f"{fmt(r.get('val_logprob'))} | {fmt(r['val_acc'])} | {fmt(gb(r), 4)} |" for r in early]
         lines += [""]
+    if oom:
+        lines += oom_lines(oom)
     if failed:
         lines += ["## Failed trials", ""]
         lines += [f"- `{r['trial_id']}` (bits {compact_bits(r['bits'])}): {one_line(r['error'])}" for r in failed]
@@ -276,6 +280,22 @@ def fmt(x: Optional[float], digits: int = 3) -> str:
 def gb(r: dict) -> Optional[float]:
     """A row's memory objective in GB (None when unknown)."""
     return None if r["memory_bytes"] is None else r["memory_bytes"] / GB
+
+
+def oom_lines(oom: Sequence[dict]) -> list[str]:
+    """The trials that ran out of memory, with the GPU share each held: not on the front, and not failures of
+    the configuration itself (see docs/how-it-works.md, Failure behaviour)."""
+    lines = ["## Out of memory", "", "These trials ran out of memory (GPU or host) at the GPU share they held, so "
+             "they are not on the front. One that ran out itself (\"out of GPU memory during ...\") was told to the "
+             "searcher as a memory-constraint violation and is not retried: train it on a whole GPU "
+             "(`resources.gpu: 1`, or a lower `search.concurrency`) to measure it. One whose worker Ray's memory "
+             "monitor killed (the node ran low on memory) is trained again by `--resume`.", "",
+             "| trial | bits per layer | GPU fraction | error |", "| --- | --- | ---: | --- |"]
+    for r in oom:
+        fraction = r.get("gpu_fraction")
+        shown = "?" if fraction is None else ("CPU" if fraction == 0 else f"{fraction:g}")
+        lines.append(f"| {r['trial_id']} | {compact_bits(r['bits'])} | {shown} | {one_line(r['error'])} |")
+    return lines + [""]
 
 
 def one_line(text: Optional[str]) -> str:

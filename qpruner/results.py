@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qpruner.errors import out_of_memory
+
 RESULTS = "results.parquet"
 ADAPTERS = "adapters"  # one folder per trial id, written by the trial on whichever node ran it
 
@@ -48,7 +50,7 @@ class TrialRecord:
     this order; the per-task dicts become one column per task (TASK_COLUMNS: acc_, acc_norm_, ppl_, docs_)."""
 
     trial_id: str = _col(pa.string(), "")
-    status: str = _col(pa.string(), "failed")  # completed / stopped_early / failed (pending / running in snapshots)
+    status: str = _col(pa.string(), "failed")  # completed / stopped_early / oom / failed (pending / running in snapshots)
     bits: list = _col(INT8_LIST, None)
     ranks: Optional[list] = _col(INT16_LIST)
     accuracy: Optional[float] = _col(pa.float64())  # the final test accuracy; None unless completed
@@ -73,6 +75,7 @@ class TrialRecord:
     finetune_s: Optional[float] = _col(pa.float64())
     eval_s: Optional[float] = _col(pa.float64())
     error: Optional[str] = _col(pa.string())
+    gpu_fraction: Optional[float] = _col(pa.float64())  # the share of a GPU the trial held (0: CPU; None: not recorded)
     started_at: float = _col(pa.float64(), 0.0)
     subtask_scores: Optional[str] = _col(pa.string())  # JSON {"acc": {subtask: acc}, "acc_norm": {...}} of groups
     task_acc: dict = field(default_factory=dict)  # -> acc_<task>
@@ -108,7 +111,7 @@ class TrialRecord:
 GB = 1024**3
 TIMINGS = ("quantize_s", "loftq_s", "finetune_s", "eval_s")
 OBJECTIVES = {"accuracy": "max", "memory_bytes": "min"}
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: status oom and the gpu_fraction column (a version-1 file reads with it null)
 RESULTS_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata])
 FIXED = RESULTS_SCHEMA  # the fixed columns, in order; per-task metric columns follow
 
@@ -215,6 +218,33 @@ RECORDED_KEYS = ("accuracy", "accuracy_stderr", "val_logprob", "val_acc", "memor
                  "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
 
 
+OOM_DIR = "oom"  # <out>/oom/<trial id>.json: a trial that ran out of memory itself, for the searcher
+
+
+def oom_marker(out: str | Path, trial_id: str) -> Path:
+    """Where a trial that raised TrialOOM leaves its GPU fraction, stage and analytic memory (written by the trial on
+    whichever node ran it, read by the searcher on the driver: Tune tells a searcher only that a trial errored)."""
+    return Path(out) / OOM_DIR / f"{trial_id}.json"
+
+
+def write_oom_marker(out: str | Path, trial_id: str, oom) -> Path:
+    """Record a TrialOOM for the searcher (see oom_marker)."""
+    path = oom_marker(out, trial_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    memory = getattr(oom, "memory_bytes", None)
+    write_json_atomic({"trial_id": trial_id, "stage": oom.stage, "gpu_fraction": oom.gpu_fraction, "host": oom.host,
+                       "memory_gb": None if memory is None else memory / GB, "error": str(oom)}, path)
+    return path
+
+
+def read_oom_marker(out: str | Path, trial_id: str) -> Optional[dict]:
+    """The TrialOOM record of a trial, or None (no marker, or unreadable)."""
+    try:
+        return json.loads(oom_marker(out, trial_id).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def recorded_result(out: Path, trial_id: str) -> Optional[dict]:
     """The last report of a trial that results.parquet holds as completed or stopped early (None otherwise),
     shaped so that record_from_trial gives the same row back."""
@@ -254,7 +284,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Option
     error = None
     if status_now == "ERROR":
         error = _error_text(trial)
-        status = "failed"
+        status = "oom" if out_of_memory(error) else "failed"  # Ray's memory monitor killed its worker
     elif final:
         status = "completed"
     elif status_now == "TERMINATED":
@@ -290,9 +320,18 @@ def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Option
         "wall_seconds": float(last.get("time_total_s") or 0.0),
         "timings": {k: last[k] for k in TIMINGS if last.get(k) is not None},
         "error": error,
+        "gpu_fraction": last.get("gpu_fraction") if last.get("gpu_fraction") is not None else _trial_gpus(trial),
         "started_at": float(getattr(trial.run_metadata, "start_time", None) or 0.0),
         "config": dict(trial.config),
     }
+
+
+def _trial_gpus(trial) -> Optional[float]:
+    """The GPU share Tune reserved for the trial (its placement group's bundles)."""
+    try:
+        return float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _gb_to_bytes(gb: Optional[float]) -> Optional[int]:
@@ -311,14 +350,20 @@ def _error_text(trial) -> str:
 
 
 # What a trial's error says when the trial was killed from outside (Ray's memory monitor, a lost worker or node,
-# a signal) rather than failing by itself: a resumed run trains it again.
+# a signal) rather than failing by itself: a resumed run trains it again. A trial that ran out of GPU memory
+# itself (qpruner.errors.TrialOOM) is not killed: it is infeasible at its packing, and stays recorded.
 KILLED = ("OutOfMemoryError", "running low on memory", "ActorDiedError", "The actor is dead", "worker process has died",
           "WorkerCrashedError", "NodeDiedError", "ActorUnavailableError", "died unexpectedly", "interrupted before it finished")
 
 
 def killed(error: Optional[str]) -> bool:
     """Whether a failed trial's error text says it was killed rather than failed by itself."""
-    return bool(error) and any(marker in error for marker in KILLED)
+    return bool(error) and any(marker in error for marker in KILLED) and not own_oom(error)
+
+
+def own_oom(error: Optional[str]) -> bool:
+    """Whether an error is the trial's own out-of-memory (TrialOOM: torch's allocator refused), not a kill."""
+    return bool(error) and ("out of GPU memory during" in error or "out of host memory during" in error)
 
 
 class RecordedFailure(Exception):
@@ -334,7 +379,7 @@ def recorded_failure(out: Path, trial_id: str) -> Optional[str]:
                 if r["trial_id"] == trial_id] if path.is_file() else []
     except (OSError, pa.ArrowException, ValueError):
         return None
-    if rows and rows[0]["status"] == "failed" and rows[0]["error"] and not killed(rows[0]["error"]):
+    if rows and rows[0]["status"] in ("failed", "oom") and rows[0]["error"] and not killed(rows[0]["error"]):
         return rows[0]["error"]
     return None
 
@@ -346,7 +391,7 @@ def killed_trials(out: Path) -> list[str]:
         rows = pq.read_table(path, columns=["trial_id", "status", "error"]).to_pylist() if path.is_file() else []
     except (OSError, pa.ArrowException, ValueError):
         return []
-    return [r["trial_id"] for r in rows if r["status"] == "failed" and killed(r["error"])]
+    return [r["trial_id"] for r in rows if r["status"] in ("failed", "oom") and killed(r["error"])]
 
 
 # ---------------------------------------------------------------------------------------------

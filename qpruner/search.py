@@ -148,6 +148,8 @@ def params_key(params: dict) -> tuple:
 
 
 BUDGET = "max_memory_gb"  # Optuna constraint name: memory_gb - search.max_memory_gb (<= 0 is feasible)
+OOM_VIOLATION = 1.0  # the constraint of a trial that ran out of memory: +1 GB, plus how far over the budget it was
+OOM_ATTR = "oom"  # Optuna user attribute of such a trial: its GPU fraction
 
 
 def smallest_memory_gb(cfg: Config, pruned_config: dict) -> float:
@@ -182,6 +184,12 @@ class RecordedOptunaSearch(_optuna_search_class()):
       memory_gb - budget, so the constrained samplers (TPE, GP, NSGA-II) prefer feasible ones.
     - A trial whose last result is not the final evaluation (ASHA stopped it) is told PRUNED, not
       COMPLETE with its quick validation score as "accuracy".
+    - A trial that ran out of memory itself (qpruner.errors.TrialOOM, which leaves qpruner.results.oom_marker
+      in the run folder; Tune tells a searcher only "error") is told PRUNED with the constraint BUDGET at
+      OOM_VIOLATION (+ its analytic memory over the budget) instead of FAIL, which samplers ignore: TPE
+      ranks infeasible trials below every feasible one, so it learns to avoid the region. GP and NSGA-II
+      read constraints of COMPLETE trials only and skip it as they skip a failure. A worker killed by Ray's
+      memory monitor stays FAIL: that kill depends on what else ran on the node.
     - A proposal equal to a recorded trial is told at once with that trial's outcome (COMPLETE values,
       PRUNED or FAIL) and marked `answered_from_record`; one equal to a running trial is told FAIL (so
       the sampler does not learn from it). Then Optuna is asked again; after `redraws` repeats a seeded
@@ -190,7 +198,9 @@ class RecordedOptunaSearch(_optuna_search_class()):
     """
 
     def __init__(self, *args, choices: Optional[dict] = None, record_path: Optional[str | Path] = None,
-                 redraws: int = 20, max_memory_gb: Optional[float] = None, **kwargs):
+                 redraws: int = 20, max_memory_gb: Optional[float] = None, run_dir: Optional[str | Path] = None,
+                 **kwargs):
+        self._run_dir = str(run_dir) if run_dir else (str(Path(record_path).parent) if record_path else None)
         self._choices = choices or {}
         self._max_memory_gb = max_memory_gb
         self._record_path = str(record_path) if record_path else None
@@ -232,6 +242,15 @@ class RecordedOptunaSearch(_optuna_search_class()):
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
         if trial_id in self._completed_trials:  # a killed trial retried by a resumed run: Optuna was told already
             return super().on_trial_complete(trial_id, result=result, error=error)
+        oom = self._oom(trial_id) if error else None
+        if oom is not None and trial_id in self._ot_trials:
+            ot_trial = self._ot_trials[trial_id]
+            over = 0.0
+            if self._max_memory_gb and oom.get("memory_gb") is not None:
+                over = max(0.0, float(oom["memory_gb"]) - self._max_memory_gb)
+            ot_trial.set_constraint(BUDGET, OOM_VIOLATION + over)
+            ot_trial.set_user_attr(OOM_ATTR, oom.get("gpu_fraction"))
+            return super().on_trial_complete(trial_id, result=None, error=False)  # PRUNED, infeasible
         if self._max_memory_gb and result and result.get("memory_gb") is not None and trial_id in self._ot_trials:
             # Optuna 5's constraint support (constraints_func is deprecated): TPE, GP and NSGA-II read it;
             # a stopped trial is judged by its last report's (analytic) memory
@@ -239,6 +258,15 @@ class RecordedOptunaSearch(_optuna_search_class()):
         if result is not None and not error and not result.get("final"):
             result = None  # stopped early: PRUNED (Ray's OptunaSearch tells PRUNED for a missing result)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _oom(self, trial_id: str) -> Optional[dict]:
+        """The trial's TrialOOM record (qpruner.results.oom_marker), or None."""
+        run_dir = getattr(self, "_run_dir", None)  # a searcher pickled by an earlier version has none
+        if not run_dir:
+            return None
+        from qpruner.results import read_oom_marker
+
+        return read_oom_marker(run_dir, trial_id)
 
     def answered_from_record(self) -> int:
         """How many proposals were answered from the record instead of being trained."""

@@ -42,6 +42,57 @@ def run_trial(
 ) -> dict:
     """Run one configuration end to end and return every metric and timing as a flat dict.
 
+    Running out of memory (torch.cuda.OutOfMemoryError; torch's CPU allocator or MemoryError on the host)
+    raises qpruner.errors.TrialOOM naming the stage, the GPU fraction and the bits: an outcome of the
+    configuration at its packing, which the search records as `oom` (see qpruner.tune.trial_trainable).
+    """
+    state: dict = {"stage": "load", "memory_bytes": None}
+    try:
+        return _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, measure, tasks, state)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _oom(cfg, bits, state, exc, host=False) from exc
+    except MemoryError as exc:
+        raise _oom(cfg, bits, state, exc, host=True) from exc
+    except RuntimeError as exc:
+        if HOST_OOM in str(exc):
+            raise _oom(cfg, bits, state, exc, host=True) from exc
+        raise
+
+
+HOST_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator, as a plain RuntimeError
+
+
+def gpu_fraction(cfg: Config) -> float:
+    """The share of a GPU this trial holds: what Ray assigned to this task, else resources.gpu (auto: 1 on a
+    usable GPU, 0 without)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            assigned = ray.get_runtime_context().get_assigned_resources().get("GPU")
+            if assigned is not None:
+                return float(assigned)
+    except Exception:  # outside a Ray worker
+        pass
+    if cfg.resources.gpu == "auto":
+        return 1.0 if pick_device(cfg) == "cuda" else 0.0
+    return float(cfg.resources.gpu)
+
+
+def _oom(cfg: Config, bits: Sequence[int], state: dict, exc: BaseException, host: bool):
+    from qpruner.errors import TrialOOM
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    oom = TrialOOM(state["stage"], gpu_fraction(cfg), [int(b) for b in bits], detail=str(exc) or type(exc).__name__,
+                   host=host)
+    oom.memory_bytes = state["memory_bytes"]  # the analytic peak, once known (None before quantization)
+    return oom
+
+
+def _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, measure, tasks, state: dict) -> dict:
+    """run_trial's body; `state["stage"]` says which step runs (the TrialOOM names it).
+
     `report`, if given, is called every `finetune.report_every` steps with step, train_loss, val_logprob
     (ASHA's signal: see qpruner.evaluate.make_validator), val_acc, `accuracy` None (it is the final test accuracy only) and `memory_gb` (the analytic
     peak, see progress_memory), so that ASHA can stop the trial; the searcher then tells Optuna PRUNED.
@@ -73,10 +124,12 @@ def run_trial(
     ranks = list(ranks) if ranks is not None else None
     model_key = Path(pruned_path).name
 
+    state["stage"] = "loftq"
     t = time.perf_counter()
     inits, loftq_stats = loftq_for_model(model, bits, cfg, cfg.output.cache, model_key, ranks=ranks, device=device)
     timings["loftq_s"] = time.perf_counter() - t
 
+    state["stage"] = "quantize"
     t = time.perf_counter()
     quantize_model(model, bits, cfg.quant, residual_weights=inits, device=device)
     timings["quantize_s"] = time.perf_counter() - t
@@ -84,6 +137,7 @@ def run_trial(
     peft_model = get_peft_model(model, lora_config_for(cfg.lora, model, ranks))
     apply_loftq_adapters(peft_model, inits, cfg.lora, ranks=ranks)
     memory = memory_report(peft_model, bits, cfg, device=device)
+    state["memory_bytes"] = progress_memory(memory, cfg.search.memory_objective)["memory_bytes"]
 
     def report_progress(metrics: dict) -> None:
         if report is not None:
@@ -91,12 +145,14 @@ def run_trial(
             report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective),
                     "max_steps": cfg.finetune.steps, "final": False})
 
+    state["stage"] = "finetune"
     inject_fault(peft_model, bits)
     t = time.perf_counter()
     validator = make_validator(peft_model, tokenizer, cfg, plan=tasks)
     ft = finetune(peft_model, tokenizer, cfg, report=report_progress, validate=validator, progress=progress)
     timings["finetune_s"] = time.perf_counter() - t
 
+    state["stage"] = "eval"
     t = time.perf_counter()
     if tasks is not None:  # resolved on the driver
         ev = evaluate_model(peft_model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths,
@@ -154,13 +210,19 @@ def progress_memory(memory, objective: str = "finetune_peak") -> dict:
 
 
 FAULT_ENV = "QPRUNER_INJECT_NAN_BITS"
+OOM_ENV = "QPRUNER_INJECT_OOM_BITS"
 
 
 def inject_fault(peft_model, bits: Sequence[int]) -> None:
     """Fault injection for reliability tests: if $QPRUNER_INJECT_NAN_BITS equals these bits
-    (comma-separated), poison the LoRA weights so fine-tuning really diverges (NaN loss)."""
+    (comma-separated), poison the LoRA weights so fine-tuning really diverges (NaN loss); if
+    $QPRUNER_INJECT_OOM_BITS does, raise a real torch.cuda.OutOfMemoryError as the fine-tuning starts (as
+    the CUDA caching allocator does when the trial's share of the GPU is full)."""
     import os
 
+    wanted = os.environ.get(OOM_ENV)
+    if wanted and [int(b) for b in wanted.split(",")] == list(bits):
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by ${OOM_ENV})")
     wanted = os.environ.get(FAULT_ENV)
     if wanted and [int(b) for b in wanted.split(",")] == list(bits):
         with torch.no_grad():

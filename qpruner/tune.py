@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+from ray.exceptions import RayActorError
 from ray.tune import Callback
 
 from qpruner.config import Config
@@ -72,9 +73,16 @@ def trial_trainable(config: dict, plan: RunPlan) -> None:
     ranks = ranks_from_config(config, plan.n_layers)
     keep = cfg.output.keep_adapters != "none"
     adapter_dir = adapter_path(Path(plan.out), trial_id) if keep else None
-    result = run_trial(cfg, plan.pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir,
-                       tasks=plan.tasks)
-    tune.report(result)
+    from qpruner.errors import TrialOOM
+    from qpruner.results import write_oom_marker
+
+    try:
+        result = run_trial(cfg, plan.pruned_path, bits, ranks=ranks, report=tune.report, adapter_dir=adapter_dir,
+                           tasks=plan.tasks)
+    except TrialOOM as exc:  # an outcome: recorded `oom`, and the searcher hears a constraint violation
+        write_oom_marker(plan.out, trial_id, exc)
+        raise
+    tune.report({**result, "gpu_fraction": float(plan.resources["gpu"])})
 
 
 class ResultsWriter(Callback):
@@ -130,17 +138,60 @@ class ResultsWriter(Callback):
         self.write(trials, plot=True)
 
     def _progress(self, records: list[dict], trials, just_ended) -> None:
-        count = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped_early", "failed")}
+        count = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped_early", "failed", "oom")}
         running = sum(t.status == "RUNNING" and t is not just_ended for t in trials)
         print(
             f"[qpruner] trials finished {len(records)}/{self.num_samples}: completed {count['completed']}, "
-            f"stopped early {count['stopped_early']}, failed {count['failed']}; running {running}",
+            f"stopped early {count['stopped_early']}, failed {count['failed']}"
+            + (f", out of memory {count['oom']}" if count["oom"] else "") + f"; running {running}",
             flush=True,
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver steps.
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers killed from outside.
+
+
+class WorkerKilled(RayActorError):
+    """A trial's worker that Ray killed with an error Tune 2.60 does not expect from an actor task
+    (ray.exceptions.OutOfMemoryError from the memory monitor; WorkerCrashedError, NodeDiedError): the
+    trial fails with this one-line text (recorded `oom` or `failed`, qpruner.results) and the search goes on."""
+
+    def __init__(self, cause: BaseException | str):
+        text = cause if isinstance(cause, str) else f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+        super().__init__(error_msg=text[:2000])
+
+    def __reduce__(self):
+        return (type(self), (self.error_msg,))
+
+
+def tolerate_worker_kills() -> None:
+    """Make Tune treat a trial's worker killed by Ray (its memory monitor above all) as that trial's failure.
+
+    Ray Tune 2.60's actor manager (ray/air/execution/_internal/actor_manager.py, _actor_task_failed) handles
+    RayActorError and RayTaskError; any other error of an actor task, such as the OutOfMemoryError raised
+    when the memory monitor kills the trial's worker, becomes "RuntimeError: Caught unexpected exception"
+    and ends Tuner.fit(): the driver died with a traceback and the other trials with it. Here such an error
+    reaches Tune as a RayActorError (WorkerKilled), which Tune already handles as a dead trial actor."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.exceptions import RayError, RayTaskError
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "qpruner_tolerant", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
+            print(f"[qpruner] a trial's worker was killed: {' '.join(str(exception).split())[:300]}", flush=True)
+            exception = WorkerKilled(exception)
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed.qpruner_tolerant = True
+    RayActorManager._actor_task_failed = _actor_task_failed
 
 
 def run_key(cfg: Config) -> str:
@@ -265,6 +316,13 @@ def trial_resources(cfg: Config, can_grow: bool = True) -> dict[str, float]:
     return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
 
 
+def whole_gpu(gpu: float) -> float:
+    """What a step outside the search reserves (importance, sensitivity table, baselines): a whole GPU where
+    trials are packed fractionally (nothing else runs then, and the dense model of a baseline needs more than
+    a trial's share; Ray's fractions do not partition memory), else the trials' own request."""
+    return 1.0 if 0 < gpu < 1 else float(gpu)
+
+
 def wait_for_gpus(cfg: Config, gpu: float, wait: float) -> None:
     """GPUs asked for but not (yet) in the cluster: ask the autoscaler for one trial's worth per concurrent
     trial and wait up to `resources.gpu_wait_s`, printing progress, before failing in one line. Without an
@@ -338,8 +396,8 @@ def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None, object
         bits = random_configs(units, cfg.quant.bits, search.n_init, search.seed)
         ranks = random_configs(units, search.ranks, search.n_init, search.seed + 1) if search.ranks else [None] * len(bits)
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None, None
-    task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
-    importance = ray_get(task.remote(plan))
+    task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=whole_gpu(plan.resources["gpu"]))
+    importance = ray_get(task.remote(plan), what="the layer importance")
     unit_importance = [float(sum(importance[i] for i in g) / len(g)) for g in layer_groups(n_layers, units)]
     shapes = shapes_from_config(plan.pruned_config)
     bits = initial_configs(unit_importance, cfg.quant.bits, search.n_init, search.temperature, search.seed,
@@ -362,8 +420,8 @@ def sensitivity_units(plan: RunPlan):
     from qpruner.search import search_units
 
     print("[qpruner] measuring the sensitivity table (each layer at each choice, one at a time)", flush=True)
-    task = ray.remote(sensitivity_task).options(num_cpus=plan.resources["cpu"], num_gpus=plan.resources["gpu"])
-    table = SensitivityTable.from_json(ray_get(task.remote(plan)))
+    task = ray.remote(sensitivity_task).options(num_cpus=plan.resources["cpu"], num_gpus=whole_gpu(plan.resources["gpu"]))
+    table = SensitivityTable.from_json(ray_get(task.remote(plan), what="the sensitivity table"))
     print(f"[qpruner] sensitivity table: {table.seconds:.1f}s on {table.tokens} validation tokens", flush=True)
     write_json_atomic(table.to_json(), table_path(plan.out))
     return UnitTable.from_table(table, search_units(plan.cfg, plan.n_layers), plan.cfg.search.sensitivity)
@@ -509,6 +567,7 @@ def _run(cfg: Config, out: Path, lock, address: Optional[str], resume: bool, ove
         if plan.cfg.search.ranks:
             initial["initial_ranks"] = [ranks_from_config(p, plan.n_layers) for p in points]
         (out / "importance.json").write_text(json.dumps({"importance": importance, **initial}))
+    tolerate_worker_kills()
     build_tuner(plan, points, restore, unit_table).fit()
     check_interrupted(out)
     check_not_all_failed(out)

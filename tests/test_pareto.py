@@ -170,7 +170,8 @@ EXPECTED_FIXED = [
     ("memory_source", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),
-    ("loftq_s", "double"), ("finetune_s", "double"), ("eval_s", "double"), ("error", "string"), ("started_at", "double"),
+    ("loftq_s", "double"), ("finetune_s", "double"), ("eval_s", "double"), ("error", "string"), ("gpu_fraction", "double"),
+    ("started_at", "double"),
     ("subtask_scores", "string"),
 ]
 
