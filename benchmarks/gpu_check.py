@@ -33,6 +33,9 @@ run writes gpu_<part>_dry_run.json):
   Taylor-pruning the LLaMA-7B shape with qpruner.prune.taylor.prune_model at 20% (10 x 128 calibration tokens,
   bf16) and the seconds it takes.
 
+`--budget-s` (default 450 on the GPU) keeps the whole command inside 8 minutes where a part runs long: no configuration,
+packing level or part starts after it, and what was skipped says so in its JSON.
+
 How many trials fit one GPU (`trials_per_gpu`) is total memory // (the trial's peak reserved by torch's allocator,
 sampled over the whole trial, + its paged optimizer bytes, which live in CUDA managed memory the allocator does not
 see, + the CUDA context, measured as the device memory in use right after a worker process created its context
@@ -278,7 +281,7 @@ def tests_part(work: Path) -> dict:
             "output_tail": proc.stdout[-1500:]}
 
 
-def memory_part(dry_run: bool, work: Path, cache: Path, tokenizer_dir: Path) -> dict:
+def memory_part(dry_run: bool, work: Path, cache: Path, tokenizer_dir: Path, deadline: float = float("inf")) -> dict:
     shape, first, last = (SMALL, 1, 3) if dry_run else (LLAMA_7B, 4, 30)
     layers = pruned_layer_shapes(shape, 0.2, first, last)
     t = time.perf_counter()
@@ -293,6 +296,9 @@ def memory_part(dry_run: bool, work: Path, cache: Path, tokenizer_dir: Path) -> 
                           compute_dtype="bfloat16")
     rows = {}
     for name, bits in configs.items():
+        if time.monotonic() > deadline:
+            rows[name] = {"skipped": "over --budget-s"}
+            continue
         slug = name.split(" ")[0].replace("/", "_")
         result = finish_worker(*start_worker({"recipe": recipe, "folder": str(folder), "bits": bits}, work, f"memory_{slug}"))
         if "error" not in result:
@@ -339,7 +345,7 @@ def packing_folder(dry_run: bool, smollm2: str | None, work: Path, cache: Path, 
 
 
 def packing_part(dry_run: bool, smollm2: str | None, work: Path, cache: Path, tokenizer_dir: Path,
-                 levels: tuple[int, ...], trials: int | None) -> dict:
+                 levels: tuple[int, ...], trials: int | None, deadline: float = float("inf")) -> dict:
     folder, model = packing_folder(dry_run, smollm2, work, cache, tokenizer_dir)
     n = json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"]
     recipe = trial_recipe(cache, work / "runs", steps=2 if dry_run else 8, micro_batch=2 if dry_run else 4,
@@ -348,6 +354,9 @@ def packing_part(dry_run: bool, smollm2: str | None, work: Path, cache: Path, to
     rows, context = {}, None
     for k in levels:
         count = trials or k
+        if time.monotonic() > deadline:
+            rows[str(k)] = {"per_gpu": k, "skipped": "over --budget-s"}
+            continue
         started = time.perf_counter()
         results, running, queue = [], [], list(range(count))
         while queue or running:
@@ -424,6 +433,8 @@ def main(argv=None) -> None:
     parser.add_argument("--smollm2", default=None, help="packing: SmolLM2-135M folder or GGUF (default: its shape, random weights)")
     parser.add_argument("--levels", default="1,2,4", help="packing: trials per GPU to measure")
     parser.add_argument("--trials", type=int, default=None, help="packing: trials at each level (default 4; dry run: the level)")
+    parser.add_argument("--budget-s", type=float, default=None, help="no new configuration, packing level or part starts "
+                        "after this many seconds (default 450 on the GPU, 8 min in all; none in a dry run)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -443,6 +454,8 @@ def main(argv=None) -> None:
 
     tokenizer_dir = ensure_tiny(progress=False).model_dir
     timings = {}
+    budget = args.budget_s if args.budget_s is not None else (float("inf") if args.dry_run else 450.0)
+    deadline = time.monotonic() + budget
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         cache = fresh_cache(work / "cache")
@@ -453,17 +466,19 @@ def main(argv=None) -> None:
             write_result(f"gpu_tests{suffix}", {"note": env_note, **result})
         if "memory" in parts:
             t = time.perf_counter()
-            result = memory_part(args.dry_run, work, cache, tokenizer_dir)
+            result = memory_part(args.dry_run, work, cache, tokenizer_dir, deadline)
             timings["memory"] = result["seconds"] = time.perf_counter() - t
             write_result(f"gpu_memory_trial{suffix}", {"note": env_note, **result})
         if "packing" in parts:
             t = time.perf_counter()
             levels = tuple(int(x) for x in args.levels.split(","))
             trials = args.trials if args.trials is not None else (None if args.dry_run else 4)
-            result = packing_part(args.dry_run, args.smollm2, work, cache, tokenizer_dir, levels, trials)
+            result = packing_part(args.dry_run, args.smollm2, work, cache, tokenizer_dir, levels, trials, deadline)
             timings["packing"] = result["seconds"] = time.perf_counter() - t
             write_result(f"gpu_packing{suffix}", {"note": env_note, **result})
-    if "taylor" in parts:
+    if "taylor" in parts and time.monotonic() > deadline:
+        write_result(f"gpu_taylor{suffix}", {"note": env_note, "skipped": "over --budget-s"})
+    elif "taylor" in parts:
         t = time.perf_counter()
         result = taylor_peak(LLAMA_7B if cuda else SMALL, "cuda" if cuda else "cpu", torch.bfloat16)
         if cuda:

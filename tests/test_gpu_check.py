@@ -67,6 +67,18 @@ def test_footprint_counts_reserved_paged_and_context():
     assert gpu_check.footprint({"process": {"reserved_peak_bytes": None}}, 500) is None
 
 
+def test_budget_skips_what_would_start_late(tmp_path):
+    """Past --budget-s nothing new starts, and the JSON says what was skipped (here: a budget of 0)."""
+    env = {**os.environ, "QPRUNER_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--parts", "packing,taylor", "--budget-s", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    packing = json.loads((tmp_path / "gpu_packing_dry_run.json").read_text())
+    assert all(level["skipped"] == "over --budget-s" for level in packing["packings"].values()) and len(packing["packings"]) == 3
+    assert json.loads((tmp_path / "gpu_taylor_dry_run.json").read_text())["skipped"] == "over --budget-s"
+    assert not (tmp_path / "gpu_memory_trial_dry_run.json").exists()  # not asked for
+
+
 @pytest.mark.slow
 def test_dry_run_writes_every_part(tmp_path, tiny_assets):
     """The whole command on the CPU (about 3 min on 2 busy cores: each trial is its own Python process)."""
