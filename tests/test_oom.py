@@ -317,3 +317,21 @@ def test_apt_baseline_loads_in_the_compute_dtype(cache, monkeypatch):
     monkeypatch.setattr(prune, "load_pruned", recording)
     row = apt_no_retraining(cfg, plan_tasks(cfg))
     assert loaded == [torch.bfloat16] and 0 <= row["accuracy"] <= 1
+
+
+def test_a_task_out_of_memory_is_one_line_not_a_traceback(ray_local):
+    """The driver's Ray tasks (pruning, importance, sensitivity table, baselines): a real CUDA OOM inside one
+    reaches the driver as a TrialOOM naming the step (a QPrunerError: one line, exit 2)."""
+    import ray
+
+    from qpruner.errors import QPrunerError, ray_get
+
+    @ray.remote(num_cpus=0)
+    def allocate():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(TrialOOM) as caught:
+        ray_get(allocate.remote(), what="the layer importance")
+    assert isinstance(caught.value, QPrunerError) and not caught.value.host
+    assert str(caught.value) == ("out of GPU memory during the layer importance: CUDA out of memory. "
+                                 "Tried to allocate 20.00 GiB")

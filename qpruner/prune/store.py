@@ -176,7 +176,7 @@ def prune_with_ray(cfg: Config, num_gpus: float = 0, progress: bool = False) -> 
     from qpruner.errors import ray_get
 
     task = ray.remote(_prune_task).options(num_cpus=1, num_gpus=num_gpus)
-    return ray_get(task.remote(cfg.to_dict(), progress))
+    return ray_get(task.remote(cfg.to_dict(), progress), what="pruning")
 
 
 def _prune_task(config: dict, progress: bool) -> PruneResult:
