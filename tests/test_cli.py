@@ -31,3 +31,18 @@ def test_every_verb_module_has_a_main():
 
     for module, _ in VERBS.values():
         assert callable(importlib.import_module(module).main)
+
+
+def test_importing_qpruner_makes_openmp_waiters_sleep():
+    """Spinning OpenMP waiters made the tiny model's first build ~10x slower on a busy 2-core machine."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, qpruner; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.strip() == "PASSIVE", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.strip() == "ACTIVE", out.stderr[-2000:]  # the user's choice is kept
