@@ -593,12 +593,18 @@ def check_interrupted(out: Path) -> None:
 
 
 def check_not_all_failed(out: Path) -> None:
-    """A search whose every trial failed for one reason (a configuration no trial can run) fails the run in
-    one line, instead of exiting 0 with an empty front."""
+    """A search whose every trial failed for one reason (a configuration no trial can run), or ran out of
+    memory, fails the run in one line, instead of exiting 0 with an empty front."""
     from qpruner.report import one_line
     from qpruner.runfolder import read_results
 
     rows = [r for r in read_results(out).to_pylist() if not str(r["trial_id"]).startswith("baseline:")]
+    if rows and all(r["status"] == "oom" for r in rows):
+        fractions = sorted({f"{r['gpu_fraction']:g}" for r in rows if r.get("gpu_fraction") is not None})
+        raise QPrunerError(f"every trial ran out of memory ({len(rows)} of {len(rows)}"
+                           + (f", GPU fraction {', '.join(fractions)}" if fractions else "") + "): lower "
+                           "search.concurrency or set resources.gpu: 1 (a whole GPU per trial), and rerun with --overwrite "
+                           f"(the errors: {out / 'results.parquet'})")
     errors = {one_line(r["error"]) for r in rows if r["status"] == "failed"}
     if rows and all(r["status"] == "failed" for r in rows) and len(errors) == 1:
         raise QPrunerError(f"every trial failed ({len(rows)} of {len(rows)}) with the same error: {errors.pop()}; "

@@ -335,3 +335,20 @@ def test_a_task_out_of_memory_is_one_line_not_a_traceback(ray_local):
     assert isinstance(caught.value, QPrunerError) and not caught.value.host
     assert str(caught.value) == ("out of GPU memory during the layer importance: CUDA out of memory. "
                                  "Tried to allocate 20.00 GiB")
+
+
+def test_a_search_whose_every_trial_ran_out_of_memory_says_so_in_one_line(tmp_path):
+    from qpruner.errors import QPrunerError
+    from qpruner.pareto import write_results
+    from qpruner.tune import check_not_all_failed
+
+    own = "out of GPU memory during finetune at GPU fraction 0.25 (bits 8,8): CUDA out of memory"
+    rows = [{"trial_id": t, "status": "oom", "bits": b, "error": own, "gpu_fraction": 0.25, "started_at": i}
+            for i, (t, b) in enumerate((("a", [8, 8]), ("b", [4, 8])))]
+    write_results(rows, tmp_path, plot=False)
+    with pytest.raises(QPrunerError, match=r"^every trial ran out of memory \(2 of 2, GPU fraction 0.25\): lower "
+                                           r"search.concurrency or set resources.gpu: 1"):
+        check_not_all_failed(tmp_path)
+    write_results(rows + [{"trial_id": "c", "status": "completed", "bits": [4, 4], "accuracy": 0.5,
+                           "memory_bytes": 10**8, "started_at": 3.0}], tmp_path, plot=False)
+    check_not_all_failed(tmp_path)  # one trial fitted: the run goes on to its report
