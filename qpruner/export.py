@@ -38,7 +38,8 @@ def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = Non
             other = [r for r in every if r["trial_id"] == trial]
             if other:
                 why = {"stopped_early": "was stopped early by ASHA, so it has no final evaluation",
-                       "failed": f"failed ({(other[0].get('error') or 'unknown error').splitlines()[-1][:120]})"}
+                       "failed": f"failed ({(other[0].get('error') or 'unknown error').splitlines()[-1][:120]})",
+                       "oom": f"ran out of memory ({(other[0].get('error') or 'unknown error').splitlines()[-1][:120]})"}
                 raise QPrunerError(f"--trial {trial}: that trial {why.get(other[0]['status'], 'is ' + other[0]['status'])}; "
                                    "export a completed trial (report.md lists them), or --pick best-acc")
             raise QPrunerError(f"--trial {trial}: no trial with that id in {run / 'results.parquet'}; report.md lists "

@@ -352,3 +352,8 @@ def test_a_search_whose_every_trial_ran_out_of_memory_says_so_in_one_line(tmp_pa
     write_results(rows + [{"trial_id": "c", "status": "completed", "bits": [4, 4], "accuracy": 0.5,
                            "memory_bytes": 10**8, "started_at": 3.0}], tmp_path, plot=False)
     check_not_all_failed(tmp_path)  # one trial fitted: the run goes on to its report
+
+    from qpruner.export import pick_trial
+
+    with pytest.raises(QPrunerError, match=r"^--trial a: that trial ran out of memory \(out of GPU memory during finetune"):
+        pick_trial(tmp_path, trial="a")
