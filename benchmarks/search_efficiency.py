@@ -256,6 +256,8 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true", help="re-run phase 1 even if the table exists")
     parser.add_argument("--memory", choices=["weights", "peak"], default="weights", help="the memory objective")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of: {', '.join(ARMS)}")
+    parser.add_argument("--name", default="search_efficiency", help="results/<name>.json and <name>.png (a subset of arms: "
+                        "another name keeps the full run's file)")
     parser.add_argument("--default-seeds", type=int, default=0,
                         help="only replay tiny.yaml's own search for this many seeds (front sizes) and stop")
     args = parser.parse_args()
@@ -322,9 +324,9 @@ def main() -> None:
             "fraction": [None if s is None else s / full for s in reach],
             "at_most_half": all(s is not None and s <= 0.5 * full for s in reach),
             "at_most_third": all(s is not None and s <= full / 3 for s in reach)}
-    png = RESULTS / "search_efficiency.png"
+    png = RESULTS / f"{args.name}.png"
     plot(summary, best_hv, png)
-    write_result("search_efficiency", {
+    write_result(args.name, {
         "model": "builtin:tiny, 30% Taylor pruning, bits {4, 8} per layer (64 configurations)",
         "memory_objective": args.memory,
         "trials_per_search": args.trials, "seeds": args.seeds, "reference_point": {"accuracy": ref[0], "memory_gb": ref[1]},

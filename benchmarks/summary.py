@@ -54,6 +54,19 @@ def search_rows(r: dict) -> list[str]:
             f"| 2. claim: importance+GP reaches random-init+GP's final hypervolume in <= half the compute | {claim} | {machine(r)} |"]
 
 
+def model_sampler_rows(r: dict) -> list[str]:
+    """The performance-model sampler beside random-init + GP (search_efficiency --arms ... --name search_efficiency_model)."""
+    arms = r["arms"]
+    cells = ", ".join(f"{name}: {a['fraction_of_best_hv']['mean']:.3f} of best hv in {a['trial_compute_s']['mean'] / 60:.1f} min"
+                      for name, a in arms.items())
+    claim = "; ".join(f"{k}: fractions {[None if f is None else round(f, 2) for f in v['fraction']]} "
+                      f"({'within' if v['at_most_third'] else 'not within'} a third)" for k, v in r["claims"].items())
+    table = r["sensitivity_table"]
+    return [f"| 2b. model sampler vs random-init+GP ({r['trials_per_search']} trials, {r['seeds']} seeds; sensitivity table "
+            f"{table['table_s']:.0f} s beside a {table['trial_s']:.0f} s trial, charged) | {cells} | {machine(r)} |",
+            f"| 2b. claim: the model sampler reaches random-init+GP's final hypervolume in <= 1/3 of its compute | {claim} | {machine(r)} |"]
+
+
 def overhead_rows(r: dict) -> list[str]:
     o, p, c, lq = r["orchestration"], r["packing"], r["prune_once"], r["loftq_cache"]
     s = r["suggestion_cost"]
@@ -183,7 +196,8 @@ def smollm2_tables() -> str:
 
 def table() -> str:
     lines = ["| study | result | machine, date |", "| --- | --- | --- |"]
-    for name, rows in (("paper_comparison", paper_rows), ("search_efficiency", search_rows), ("overheads", overhead_rows),
+    for name, rows in (("paper_comparison", paper_rows), ("search_efficiency", search_rows),
+                       ("search_efficiency_model", model_sampler_rows), ("overheads", overhead_rows),
                        ("gpu_memory", gpu_rows), ("seed_methods", seed_rows)):
         result = load(name)
         lines += rows(result) if result else [f"| {name} | not run yet | |"]
