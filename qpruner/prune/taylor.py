@@ -205,6 +205,16 @@ def _micro_batch_loss(model: nn.Module, batches: list[torch.Tensor]) -> torch.Te
     return torch.stack(per_step).mean()
 
 
+def _take_grad(p: torch.Tensor, name: str, scale: LossScale, overflow: list) -> Optional[torch.Tensor]:
+    """In a hook: p's gradient unscaled, and p.grad freed; None (and `name` noted in `overflow`) when an fp16
+    loss-scaled pass overflowed."""
+    g = scale.unscale(p.grad)
+    p.grad = None
+    if g is None:
+        overflow.append(name)
+    return g
+
+
 def _first_order(model, params, batches, scale: LossScale, progress: bool) -> dict[str, torch.Tensor]:
     """channel_sums(|w * g|) per weight from one backward, each gradient reduced and freed in its hook."""
     while True:
@@ -212,12 +222,9 @@ def _first_order(model, params, batches, scale: LossScale, progress: bool) -> di
         overflow = []
 
         def reduce(p: torch.Tensor, name: str, scores=scores, overflow=overflow) -> None:
-            g = scale.unscale(p.grad)
-            p.grad = None
-            if g is None:
-                overflow.append(name)
-                return
-            scores[name] = channel_sums(name, (p.detach().float() * g).abs_())
+            g = _take_grad(p, name, scale, overflow)
+            if g is not None:
+                scores[name] = channel_sums(name, (p.detach().float() * g).abs_())
 
         with _hooks(params, reduce), tqdm(total=1, desc="calibration (Taylor importance)", disable=not progress) as bar:
             (_micro_batch_loss(model, batches) * scale.value).backward()
@@ -256,11 +263,10 @@ def _sample_pass(model, chunk: dict, sample: torch.Tensor, scale: LossScale, gra
         overflow = []
 
         def add(p: torch.Tensor, name: str, staged=staged, overflow=overflow) -> None:
-            g = scale.unscale(p.grad)
-            p.grad = None
+            g = _take_grad(p, name, scale, overflow)
             if g is None:
-                overflow.append(name)
-            elif scale.active:
+                return
+            if scale.active:
                 staged[name] = g
             else:
                 grad_sum[name] += g
