@@ -137,9 +137,10 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     from qpruner.plan import resolved_config
     from qpruner.search import bits_from_config, config_from_bits, initial_configs, make_searcher, param_space, random_configs
 
-    sampler, init, n_init = ARMS[arm]
+    sampler_name, init, n_init = ARMS[arm]
+    sampler = None  # the model sampler's instance (the others are built by make_searcher from their name)
     n = table["n_layers"]
-    cfg = resolved_config(tiny_recipe(search={"sampler": sampler, "seed": seed, "n_init": n_init,
+    cfg = resolved_config(tiny_recipe(search={"sampler": sampler_name, "seed": seed, "n_init": n_init,
                                                "init": "random" if init == "random" else "importance"}))
     if init == "importance":  # as qpruner.tune.first_configs: memory budgets in the pruned layers' weight bytes
         points = initial_configs(table["importance"], cfg.quant.bits, n_init, cfg.search.temperature, seed,
@@ -147,9 +148,10 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     elif init == "random":
         points = random_configs(n, cfg.quant.bits, n_init, seed)
     elif init == "table":  # as qpruner.tune.first_configs with search.sampler: model
-        from qpruner.predict import first_points
+        from qpruner.predict import ModelSampler, first_points
 
         points = [[p[f"b{i}"] for i in range(n)] for p in first_points(units, n_init)]
+        sampler = ModelSampler(units, seed=seed, max_memory_gb=cfg.search.max_memory_gb)
     else:
         points = []
     scheduler = None
@@ -163,7 +165,7 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
     tuner = tune.Tuner(
         tune.with_parameters(replay, table=table),
         param_space=param_space(n, cfg.quant.bits),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points], units=units),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points], model_sampler=sampler),
                                     scheduler=scheduler, num_samples=trials),
         run_config=tune.RunConfig(storage_path=str(storage), name=f"{arm}-{asha}-{seed}".replace(" ", "_").replace("+", "_"),
                                   verbose=0),

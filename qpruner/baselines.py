@@ -93,8 +93,8 @@ def run_baselines(plan) -> dict[str, dict]:
     import ray
 
     from qpruner.errors import TrialOOM, ray_get
+    from qpruner.plan import whole_gpu
     from qpruner.results import write_json_atomic
-    from qpruner.tune import whole_gpu
 
     cfg, out, resources = plan.cfg, Path(plan.out), {**plan.resources, "gpu": whole_gpu(plan.resources["gpu"])}
     done = load(out)

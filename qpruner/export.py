@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     from qpruner.errors import check_out_path
-    from qpruner.report import check_run_dir
+    from qpruner.runfolder import check_run_dir
 
     if args.trial and args.pick:
         raise QPrunerError(f"--trial {args.trial} and --pick {args.pick}: give one of them, not both")

@@ -252,3 +252,10 @@ def resolved_config(raw: dict[str, Any]) -> Config:
     """Parse plain data and resolve it for this machine in one step (tests, benchmarks and one-machine
     scripts that call the stages directly; a run resolves once in `make_plan`)."""
     return resolve_config(config_from_dict(raw))
+
+
+def whole_gpu(gpu: float) -> float:
+    """What a step outside the search reserves (importance, sensitivity table, baselines): a whole GPU where
+    trials are packed fractionally (nothing else runs then, and the dense model of a baseline needs more than
+    a trial's share; Ray's fractions do not partition memory), else the trials' own request."""
+    return 1.0 if 0 < gpu < 1 else float(gpu)

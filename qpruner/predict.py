@@ -763,8 +763,7 @@ def _from_run(run: str) -> tuple[Config, str, PerformanceModel, float]:
     from qpruner.config import config_from_dict
     from qpruner.errors import QPrunerError
     from qpruner.plan import resolve_config
-    from qpruner.report import check_run_dir
-    from qpruner.runfolder import read_json
+    from qpruner.runfolder import check_run_dir, read_json
 
     folder = check_run_dir(run)
     fitted = run_model(folder)

@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import pyarrow as pa
 
 from qpruner.baselines import load as load_baselines
-from qpruner.errors import QPrunerError
 from qpruner.pareto import (
     compact_bits,
     completed,
@@ -26,23 +25,10 @@ from qpruner.pareto import (
 )
 from qpruner.predict import quality_lines, write_predictions
 from qpruner.results import GB, accuracy_text, column_label, metric_columns, noise_text
+from qpruner.runfolder import check_run_dir
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
 BIT_NAMES = {4: "4-bit NF4/FP4", 8: "8-bit LLM.int8", 16: "16-bit (not quantized)"}
-
-
-def check_run_dir(run_dir: str | Path, what: str = "run folder") -> Path:
-    """A path that is a run folder, or one line saying what it is instead."""
-    from qpruner.errors import check_path
-
-    run = Path(run_dir)
-    check_path(run, what)
-    if run.is_file():
-        raise QPrunerError(f"{what} {run} is a file; give the output folder (--out) of a qpruner.tune run, which "
-                           "holds results.parquet")
-    if not run.is_dir():
-        raise QPrunerError(f"{what} {run} does not exist; give the output folder of a qpruner.tune run")
-    return run
 
 
 def write_report(run_dir: str | Path) -> Path:

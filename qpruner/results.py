@@ -218,31 +218,16 @@ RECORDED_KEYS = ("accuracy", "accuracy_stderr", "val_logprob", "val_acc", "memor
                  "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
 
 
-OOM_DIR = "oom"  # <out>/oom/<trial id>.json: a trial that ran out of memory itself, for the searcher
-
-
-def oom_marker(out: str | Path, trial_id: str) -> Path:
-    """Where a trial that raised TrialOOM leaves its GPU fraction, stage and analytic memory (written by the trial on
-    whichever node ran it, read by the searcher on the driver: Tune tells a searcher only that a trial errored)."""
-    return Path(out) / OOM_DIR / f"{trial_id}.json"
-
-
 def write_oom_marker(out: str | Path, trial_id: str, oom) -> Path:
-    """Record a TrialOOM for the searcher (see oom_marker)."""
+    """Record a TrialOOM for the searcher (see qpruner.search.oom_marker)."""
+    from qpruner.search import oom_marker
+
     path = oom_marker(out, trial_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     memory = getattr(oom, "memory_bytes", None)
     write_json_atomic({"trial_id": trial_id, "stage": oom.stage, "gpu_fraction": oom.gpu_fraction, "host": oom.host,
                        "memory_gb": None if memory is None else memory / GB, "error": str(oom)}, path)
     return path
-
-
-def read_oom_marker(out: str | Path, trial_id: str) -> Optional[dict]:
-    """The TrialOOM record of a trial, or None (no marker, or unreadable)."""
-    try:
-        return json.loads(oom_marker(out, trial_id).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def recorded_result(out: Path, trial_id: str) -> Optional[dict]:

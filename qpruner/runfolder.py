@@ -321,3 +321,17 @@ def rebuild_results(run: Path, n_layers: Optional[int] = None) -> int:
     if records:
         write_results(records, run, plot=False)
     return len(records)
+
+
+def check_run_dir(run_dir: str | Path, what: str = "run folder") -> Path:
+    """A path that is a run folder, or one line saying what it is instead."""
+    from qpruner.errors import check_path
+
+    run = Path(run_dir)
+    check_path(run, what)
+    if run.is_file():
+        raise QPrunerError(f"{what} {run} is a file; give the output folder (--out) of a qpruner.tune run, which "
+                           "holds results.parquet")
+    if not run.is_dir():
+        raise QPrunerError(f"{what} {run} does not exist; give the output folder of a qpruner.tune run")
+    return run

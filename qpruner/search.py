@@ -85,7 +85,7 @@ def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None)
 
 
 def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], record_path: Optional[str | Path] = None,
-                  units=None):
+                  model_sampler=None):
     """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
 
     The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
@@ -94,8 +94,8 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
     test accuracy, so it never enters the objective); a crashed trial is FAIL. Repeat proposals are
     answered from the study's record instead of being trained again; TPE runs with constant_liar so
     pending trials steer it away. First points without rank keys get `lora.rank` (or the middle rank).
-    `units` (qpruner.predict.UnitTable) is the sensitivity table per search unit: `search.sampler: model`
-    needs it.
+    `model_sampler` is the performance model's sampler (qpruner.predict.ModelSampler, built by the caller
+    from the sensitivity table): `search.sampler: model` needs it.
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
@@ -111,7 +111,7 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup, constant_liar=True),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, cfg.search.concurrency * 2)),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # no constraint support: its draws ignore a budget
-        "model": lambda: _model_sampler(units, seed, cfg.search.max_memory_gb),
+        "model": lambda: _required(model_sampler),
     }
     searcher = RecordedOptunaSearch(
         metric=OBJECTIVES,
@@ -127,12 +127,10 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.concurrency)
 
 
-def _model_sampler(units, seed: int, max_memory_gb: Optional[float]):
-    from qpruner.predict import ModelSampler
-
-    if units is None:
-        raise ValueError("search.sampler: model needs the sensitivity table (qpruner.predict.UnitTable)")
-    return ModelSampler(units, seed=seed, max_memory_gb=max_memory_gb)
+def _required(model_sampler):
+    if model_sampler is None:
+        raise ValueError("search.sampler: model needs its sampler (qpruner.predict.ModelSampler over the sensitivity table)")
+    return model_sampler
 
 
 def _optuna_search_class():
@@ -184,7 +182,7 @@ class RecordedOptunaSearch(_optuna_search_class()):
       memory_gb - budget, so the constrained samplers (TPE, GP, NSGA-II) prefer feasible ones.
     - A trial whose last result is not the final evaluation (ASHA stopped it) is told PRUNED, not
       COMPLETE with its quick validation score as "accuracy".
-    - A trial that ran out of memory itself (qpruner.errors.TrialOOM, which leaves qpruner.results.oom_marker
+    - A trial that ran out of memory itself (qpruner.errors.TrialOOM, which leaves qpruner.search.oom_marker
       in the run folder; Tune tells a searcher only "error") is told PRUNED with the constraint BUDGET at
       OOM_VIOLATION (+ its analytic memory over the budget) instead of FAIL, which samplers ignore: TPE
       ranks infeasible trials below every feasible one, so it learns to avoid the region. GP and NSGA-II
@@ -260,12 +258,10 @@ class RecordedOptunaSearch(_optuna_search_class()):
         super().on_trial_complete(trial_id, result=result, error=error)
 
     def _oom(self, trial_id: str) -> Optional[dict]:
-        """The trial's TrialOOM record (qpruner.results.oom_marker), or None."""
+        """The trial's TrialOOM record (qpruner.search.oom_marker), or None."""
         run_dir = getattr(self, "_run_dir", None)  # a searcher pickled by an earlier version has none
         if not run_dir:
             return None
-        from qpruner.results import read_oom_marker
-
         return read_oom_marker(run_dir, trial_id)
 
     def answered_from_record(self) -> int:
@@ -389,3 +385,24 @@ def _shift_to_budget(logit: np.ndarray, costs: np.ndarray, budget: float) -> np.
         else:
             hi = mid
     return 1 / (1 + np.exp(-(logit + (lo + hi) / 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-memory markers: written by the trial (qpruner.results.write_oom_marker), read by the searcher.
+
+
+OOM_DIR = "oom"  # <out>/oom/<trial id>.json: a trial that ran out of memory itself, for the searcher
+
+
+def oom_marker(out: str | Path, trial_id: str) -> Path:
+    """Where a trial that raised TrialOOM leaves its GPU fraction, stage and analytic memory (written by the trial on
+    whichever node ran it, read by the searcher on the driver: Tune tells a searcher only that a trial errored)."""
+    return Path(out) / OOM_DIR / f"{trial_id}.json"
+
+
+def read_oom_marker(out: str | Path, trial_id: str) -> Optional[dict]:
+    """The TrialOOM record of a trial, or None (no marker, or unreadable)."""
+    try:
+        return json.loads(oom_marker(out, trial_id).read_text())
+    except (OSError, ValueError):
+        return None

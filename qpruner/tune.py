@@ -23,7 +23,7 @@ from ray.tune import Callback
 
 from qpruner.config import Config
 from qpruner.errors import QPrunerError, ray_get
-from qpruner.plan import RunPlan, check_storage, make_plan
+from qpruner.plan import RunPlan, check_storage, make_plan, whole_gpu
 from qpruner.results import (
     ADAPTERS,
     RecordedFailure,
@@ -316,13 +316,6 @@ def trial_resources(cfg: Config, can_grow: bool = True) -> dict[str, float]:
     return {"cpu": cfg.resources.cpu, "gpu": float(gpu)}
 
 
-def whole_gpu(gpu: float) -> float:
-    """What a step outside the search reserves (importance, sensitivity table, baselines): a whole GPU where
-    trials are packed fractionally (nothing else runs then, and the dense model of a baseline needs more than
-    a trial's share; Ray's fractions do not partition memory), else the trials' own request."""
-    return 1.0 if 0 < gpu < 1 else float(gpu)
-
-
 def wait_for_gpus(cfg: Config, gpu: float, wait: float) -> None:
     """GPUs asked for but not (yet) in the cluster: ask the autoscaler for one trial's worth per concurrent
     trial and wait up to `resources.gpu_wait_s`, printing progress, before failing in one line. Without an
@@ -465,7 +458,12 @@ def build_tuner(plan: RunPlan, points: list, restore: bool, unit_table=None):
             reduction_factor=cfg.search.asha.reduction_factor,
             stop_last_trials=False,  # a trial past the top rung finishes its training and evaluation
         )
-    searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD, units=unit_table)
+    sampler = None
+    if unit_table is not None:
+        from qpruner.predict import ModelSampler
+
+        sampler = ModelSampler(unit_table, seed=cfg.search.seed, max_memory_gb=cfg.search.max_memory_gb)
+    searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD, model_sampler=sampler)
     return tune.Tuner(
         trainable,
         param_space=param_space(units, cfg.quant.bits, cfg.search.ranks),

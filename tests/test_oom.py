@@ -27,11 +27,19 @@ from qpruner.results import (
     killed_trials,
     merge_previous,
     own_oom,
-    read_oom_marker,
     results_table,
     write_oom_marker,
 )
-from qpruner.search import BUDGET, OOM_ATTR, OOM_VIOLATION, bits_from_config, config_from_bits, make_searcher, param_space
+from qpruner.search import (
+    BUDGET,
+    OOM_ATTR,
+    OOM_VIOLATION,
+    bits_from_config,
+    config_from_bits,
+    make_searcher,
+    param_space,
+    read_oom_marker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_KILL = ("OutOfMemoryError: 1 worker(s) were killed due to the node running low on memory. Memory on the node "
@@ -286,7 +294,7 @@ def test_oom_marker_round_trip(tmp_path):
 
 
 def test_steps_outside_the_search_reserve_a_whole_gpu_when_trials_are_packed():
-    from qpruner.tune import whole_gpu
+    from qpruner.plan import whole_gpu
 
     assert whole_gpu(0.25) == 1.0 and whole_gpu(0.5) == 1.0  # importance, sensitivity table, baselines
     assert whole_gpu(0.0) == 0.0 and whole_gpu(1.0) == 1.0 and whole_gpu(2.0) == 2.0
