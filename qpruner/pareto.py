@@ -51,18 +51,19 @@ def pareto_mask(acc: Sequence[float], mem: Sequence[float]) -> np.ndarray:
     """Non-dominated points (accuracy max, memory min); of exact duplicates only the first is kept.
 
     Sort by memory ascending (ties: accuracy descending, then index); a point is on the front iff its
-    accuracy beats every point before it by more than TIE, so equal-in-one, worse-in-the-other points are
-    dominated, and a dearer point whose accuracy differs from a cheaper one's only by float rounding is not
-    on the front.
+    accuracy beats every front point before it by more than TIE, so equal-in-one, worse-in-the-other points
+    are dominated, and a dearer point whose accuracy differs from a cheaper one's only by float rounding is
+    not on the front.
     """
     acc, mem = np.asarray(acc, dtype=float), np.asarray(mem, dtype=float)
     if acc.size == 0:
         return np.zeros(0, dtype=bool)
     order = np.lexsort((np.arange(len(acc)), -acc, mem))
-    sorted_acc = acc[order]
-    best_before = np.concatenate(([-np.inf], np.maximum.accumulate(sorted_acc)[:-1]))
     mask = np.zeros(len(acc), dtype=bool)
-    mask[order] = sorted_acc > best_before + TIE
+    best = -np.inf  # the best accuracy on the front so far (cheaper points only)
+    for i in order:
+        if acc[i] > best + TIE:
+            mask[i], best = True, acc[i]
     return mask
 
 
