@@ -208,9 +208,9 @@ def kl_scores(model, sequences: list[list[int]], deltas: list[dict], n_choices: 
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
-        base = [torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-                for ids, mask in _batches(sequences, device)]
-        masks = [mask.bool() for _, mask in _batches(sequences, device)]
+        batches = list(_batches(sequences, device))  # padded once, read by every (layer, choice) pass
+        base = [torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1) for ids, mask in batches]
+        masks = [mask.bool() for _, mask in batches]
         n_tokens = float(sum(int(m.sum()) for m in masks))
         modules = dict(model.named_modules())
         out = np.zeros((model.config.num_hidden_layers, n_choices))
@@ -222,7 +222,7 @@ def kl_scores(model, sequences: list[list[int]], deltas: list[dict], n_choices: 
                     w = modules[n].weight.data
                     w.copy_((w.float() + deltas[c][n].to(w.device)).to(w.dtype))
                 total = 0.0
-                for (ids, mask), logp, keep in zip(_batches(sequences, device), base, masks):
+                for (ids, mask), logp, keep in zip(batches, base, masks):
                     logq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
                     total += float((logp.exp() * (logp - logq)).sum(-1)[keep].sum())
                 for n in names:
@@ -820,7 +820,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if best is None:
         raise QPrunerError(f"--max-memory-gb: {args.max_memory_gb:g} GB is below every configuration; the smallest "
                            f"needs {front[0]['memory_gb']:.4g} GB ({cfg.search.memory_objective}); raise it")
-    units, n_layers = model.units, len(front[0]["choices"])
+    units = model.units
     bits = [units.choices[c][0] for c in best["choices"]]
     ranks = [units.choices[c][1] for c in best["choices"]] if units.choices[0][1] else None
     from qpruner.prune import pruned_layer_count
