@@ -378,13 +378,13 @@ def code_version() -> dict:
 
 def commit_results(path: Path, done: int, total: int) -> None:
     """Commit only the results file (git commit --only semantics: others' staged changes stay staged); a failure
-    (another git process holds the index lock) is printed and retried at the next commit point."""
-    from benchmarks.common import ROOT
-
+    (another git process holds the index lock) is printed and retried at the next commit point. git runs in the
+    results file's own folder, so a table run from a snapshot worktree (QPRUNER_BENCH_RESULTS pointing into the
+    main checkout) commits into the checkout that holds the file."""
     message = (f"SmolLM2 grouped table: {done}/{total} configurations measured; committed by the running table "
                f"process so that a lost machine loses only the configurations since")
-    add = subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, capture_output=True, text=True)
-    run = add if add.returncode else subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=ROOT,
+    add = subprocess.run(["git", "add", "--", str(path)], cwd=path.parent, capture_output=True, text=True)
+    run = add if add.returncode else subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=path.parent,
                                                     capture_output=True, text=True)
     print(f"[grouped] commit {'done' if run.returncode == 0 else 'failed: ' + (run.stderr or run.stdout).strip()[:200]}", flush=True)
 
