@@ -24,10 +24,10 @@ def load(run: Path) -> dict[str, dict]:
     return read_json(path) if path.is_file() else {}
 
 
-def row(name: str, bits: list[int], accuracy: float, scores: dict, memory_bytes, weight_bytes: int) -> dict:
+def row(cfg: Config, name: str, bits: list[int], accuracy: float, scores: dict, memory_bytes, weight_bytes: int) -> dict:
     from qpruner.results import baseline_record
 
-    return baseline_record(name, LABELS[name], bits, accuracy, scores, memory_bytes, weight_bytes)
+    return baseline_record(name, LABELS[name], bits, accuracy, scores, memory_bytes, weight_bytes, cfg.eval.tasks)
 
 def measure(name: str, plan) -> dict:
     """Ray task body: one baseline of the driver's run plan (qpruner.plan.RunPlan) as a results row."""
@@ -38,7 +38,7 @@ def measure(name: str, plan) -> dict:
         from qpruner.trial import run_trial
 
         result = run_trial(cfg, plan.pruned_path, [16] * plan.n_layers, tasks=plan.tasks)
-        return row(name, result["bits"], result["accuracy"], result, result["memory_bytes"], result["weight_bytes"])
+        return row(cfg, name, result["bits"], result["accuracy"], result, result["memory_bytes"], result["weight_bytes"])
     if name == "apt":
         return apt_no_retraining(cfg, plan.tasks)
     return unpruned(cfg, plan.tasks)
@@ -67,7 +67,7 @@ def apt_no_retraining(cfg: Config, tasks) -> dict:
                                    device=pick_device(cfg))
     ev = evaluate_model(model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths, skip=tasks.held_out)
     bits = [16] * len(model.model.layers)
-    return row("apt", bits, ev["mean_acc"], eval_record(ev), None, weight_bytes(model, bits, cfg.quant)["total"])
+    return row(cfg, "apt", bits, ev["mean_acc"], eval_record(ev), None, weight_bytes(model, bits, cfg.quant)["total"])
 
 
 def unpruned(cfg: Config, tasks) -> dict:
@@ -81,7 +81,7 @@ def unpruned(cfg: Config, tasks) -> dict:
                                   pick_device(cfg), allow_pickle=cfg.model.allow_pickle)
     ev = evaluate_model(model, tokenizer, cfg.eval, tasks=tasks.names, include_paths=tasks.include_paths, skip=tasks.held_out)
     weights = weight_bytes(model, [16] * len(model.model.layers), cfg.quant)["total"]
-    return row("unpruned", [16] * len(model.model.layers), ev["mean_acc"], eval_record(ev), None, weights)
+    return row(cfg, "unpruned", [16] * len(model.model.layers), ev["mean_acc"], eval_record(ev), None, weights)
 
 
 def run_baselines(plan) -> dict[str, dict]:

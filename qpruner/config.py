@@ -289,10 +289,14 @@ class AshaConfig:
 
 @dataclass
 class SearchConfig:
-    """Multi-objective Bayesian search over per-layer bit-widths (accuracy up, memory down)."""
+    """Multi-objective Bayesian search over per-layer bit-widths (the quality objective up, memory down)."""
 
     num_samples: int = 8
     concurrency: int = 2
+    # The quality objective beside memory: `accuracy` (mean task accuracy, max), `val_logprob` (the quick
+    # validation's gold-answer log-prob after fine-tuning, max) or `perplexity` (word perplexity of the first
+    # perplexity task in eval.tasks, e.g. wikitext; min). At small budgets accuracy is noise and the other two rank.
+    objective: Literal["accuracy", "val_logprob", "perplexity"] = "accuracy"
     sampler: Literal["gp", "tpe", "nsga2", "random", "model"] = "tpe"
     sensitivity: Literal["kl", "fisher"] = "kl"  # the `model` sampler's per-layer table: logit KL or AutoQuantize's score
     init: Literal["importance", "random"] = "importance"

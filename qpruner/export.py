@@ -1,4 +1,4 @@
-"""`python -m qpruner.export --run DIR (--trial ID | --pick best-acc | --pick max-mem=GB) --out OUT [--merge]`
+"""`python -m qpruner.export --run DIR (--trial ID | --pick best-acc | --pick best | --pick max-mem=GB) --out OUT [--merge]`
 (`--format gguf --out FILE.gguf`: one GGUF file for llama.cpp instead, see qpruner.gguf_export)
 
 Writes a folder that loads with stock libraries (no qpruner import):
@@ -25,12 +25,16 @@ from qpruner.errors import QPrunerError
 
 
 def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = None) -> dict:
-    """The results row of `trial`, the most accurate completed trial, or the most accurate under a memory cap."""
+    """The results row of `trial`; or the completed trial best on accuracy (`best-acc`), on the run's own
+    search.objective (`best`), or on the run's objective under a memory cap (`max-mem=GB`)."""
+    from qpruner.results import QUALITY, objective_of
     from qpruner.runfolder import read_results
 
     if trial and pick:
         raise QPrunerError(f"--trial {trial} and --pick {pick}: give one of them, not both")
-    every = read_results(run).to_pylist()
+    table = read_results(run)
+    objective = objective_of(table)
+    every = table.to_pylist()
     rows = [r for r in every if r["status"] == "completed"]
     if trial:
         match = [r for r in rows if r["trial_id"] == trial]
@@ -45,8 +49,9 @@ def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = Non
             raise QPrunerError(f"--trial {trial}: no trial with that id in {run / 'results.parquet'}; report.md lists "
                                "the completed trials")
         return match[0]
-    if pick == "best-acc":
+    if pick in ("best-acc", "best"):
         candidates = rows
+        objective = QUALITY["accuracy"] if pick == "best-acc" else objective
     elif pick and pick.startswith("max-mem="):
         try:
             cap = float(pick.split("=", 1)[1])
@@ -54,10 +59,11 @@ def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = Non
             raise QPrunerError(f"--pick {pick}: give the memory cap in GB, e.g. max-mem=20") from None
         candidates = [r for r in rows if r["memory_gb"] <= cap]
     else:
-        raise QPrunerError("give --trial ID, --pick best-acc or --pick max-mem=GB")
+        raise QPrunerError("give --trial ID, --pick best-acc, --pick best (the run's search.objective) or --pick max-mem=GB")
+    candidates = [r for r in candidates if r.get(objective.name) is not None]
     if not candidates:
         raise QPrunerError(f"--pick {pick}: no completed trial qualifies in {run}")
-    return max(candidates, key=lambda r: (r["accuracy"], -r["memory_bytes"]))
+    return max(candidates, key=lambda r: (float(objective.oriented(r[objective.name])), -r["memory_bytes"]))
 
 
 def find_adapter(run: Path, trial_id: str) -> Path:
@@ -212,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qpruner.export", description="Export one trial of a run as a loadable model.")
     parser.add_argument("--run", required=True, help="the --out folder of a qpruner.tune run")
     parser.add_argument("--trial", default=None, help="trial id (see results.parquet / report.md)")
-    parser.add_argument("--pick", default=None, help="best-acc, or max-mem=GB for the most accurate under a memory cap")
+    parser.add_argument("--pick", default=None, help="best-acc; best (on the run's search.objective); or max-mem=GB for the "
+                        "best on the run's objective under a memory cap")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--merge", action="store_true", help="also write merged/: one full-precision model")
     parser.add_argument("--format", choices=("folder", "gguf"), default="folder",

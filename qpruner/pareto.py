@@ -1,6 +1,8 @@
 """Trial records -> an Arrow table (results.parquet), the Pareto front (pareto.parquet), hypervolume, plot.
 
-Objectives: accuracy (max) and memory_bytes (min). Only completed trials (final evaluation done) can
+Objectives: a quality objective (search.objective: accuracy or validation log-prob, max; perplexity, min;
+qpruner.results.Objective) and memory_bytes (min). Internally the quality values are oriented so that higher
+is better (Objective.oriented); the files keep them in their own units. Only completed trials (final evaluation done) can
 be on the front; trials stopped early by ASHA and failed trials stay in results.parquet with their
 status. The hypervolume reference point is chosen once per run and stored in the files' metadata.
 """
@@ -18,18 +20,25 @@ import pyarrow.parquet as pq
 
 from qpruner.results import (
     GB,
+    QUALITY,
+    Objective,
     accuracy_text,
     merge_previous,
+    objective_of,
     reference_rule,
     results_table,
+    wider,
     with_reference,
     write_parquet_atomic,
 )
 
 
 def completed_mask(table: pa.Table) -> pa.ChunkedArray:
-    """True for rows that can be on the front: status completed, finite accuracy, memory known."""
-    acc = table["accuracy"]
+    """True for rows that can be on the front: status completed, a finite value of the quality objective, memory known."""
+    name = objective_of(table).name
+    if name not in table.column_names:
+        return pa.chunked_array([pa.array([False] * table.num_rows, type=pa.bool_())])
+    acc = table[name]
     ok = pc.and_(pc.and_(pc.equal(table["status"], "completed"), pc.is_valid(acc)),
                  pc.and_(pc.invert(pc.is_nan(acc)), pc.is_valid(table["memory_bytes"])))
     return pc.fill_null(ok, False)
@@ -93,22 +102,29 @@ def reference_point(table: pa.Table) -> tuple[float, float]:
     return reference_rule(table)
 
 
-def normalized(hv: float, ref: tuple[float, float]) -> float:
-    """Hypervolume as a fraction of the reference box (accuracy ref..1 x memory 0..ref): scale-free."""
-    box = (1.0 - ref[0]) * ref[1]
+def normalized(hv: float, ref: tuple[float, float], objective: Objective = QUALITY["accuracy"]) -> float:
+    """Hypervolume as a fraction of the reference box (quality ref..its ideal value, e.g. accuracy ref..1, x
+    memory 0..ref): scale-free."""
+    box = abs(objective.ideal - ref[0]) * ref[1]
     return hv / box if box > 0 else 0.0
+
+
+def quality_hypervolume(values: Sequence[float], mem: Sequence[float], ref: tuple[float, float], objective: Objective) -> float:
+    """`hypervolume` of quality values in their own units (a perplexity's smaller is better)."""
+    return hypervolume(objective.oriented(values), mem, float(objective.oriented(ref[0])), ref[1])
 
 
 def front_table(results: pa.Table) -> pa.Table:
     """The non-dominated completed trials sorted by memory; hypervolume and reference point in metadata."""
+    objective = objective_of(results)
     done = completed(results)
-    acc, mem = done["accuracy"].to_numpy(zero_copy_only=False), done["memory_bytes"].to_numpy(zero_copy_only=False)
-    front = done.filter(pa.array(pareto_mask(acc, mem), type=pa.bool_())).sort_by("memory_bytes")
+    acc, mem = done[objective.name].to_numpy(zero_copy_only=False), done["memory_bytes"].to_numpy(zero_copy_only=False)
+    front = done.filter(pa.array(pareto_mask(objective.oriented(acc), mem), type=pa.bool_())).sort_by("memory_bytes")
     ref = reference_point(results)
-    hv = hypervolume(acc, mem, *ref)
-    table = with_reference(front, ref)
+    hv = quality_hypervolume(acc, mem, ref, objective)
+    table = with_reference(front, ref, objective.name)
     meta = dict(table.schema.metadata)
-    meta.update({b"hypervolume": repr(hv).encode(), b"hypervolume_normalized": repr(normalized(hv, ref)).encode(),
+    meta.update({b"hypervolume": repr(hv).encode(), b"hypervolume_normalized": repr(normalized(hv, ref, objective)).encode(),
                  b"n_completed": str(done.num_rows).encode()})
     return table.replace_schema_metadata(meta)
 
@@ -120,17 +136,19 @@ def hypervolume_curve(results: pa.Table, ref: Optional[tuple[float, float]] = No
     their seconds but no point, so the curve shows what the search's compute bought.
     """
     ref = ref or reference_point(results)
-    rows = results.select(["accuracy", "memory_bytes", "started_at", "wall_seconds"]).to_pylist()
-    for row, ok in zip(rows, completed_mask(results).to_pylist()):
-        row["ok"] = ok
+    objective = objective_of(results)
+    rows = results.select(["memory_bytes", "started_at", "wall_seconds"]).to_pylist()
+    values = results[objective.name].to_pylist() if objective.name in results.column_names else [None] * len(rows)
+    for row, value, ok in zip(rows, values, completed_mask(results).to_pylist()):
+        row.update(ok=ok, value=value)
     rows.sort(key=lambda r: (r["started_at"] or 0.0) + (r["wall_seconds"] or 0.0))
     curve, seconds, acc, mem = [], 0.0, [], []
     for r in rows:
         seconds += r["wall_seconds"] or 0.0
         if r["ok"]:
-            acc.append(r["accuracy"])
+            acc.append(r["value"])
             mem.append(r["memory_bytes"])
-            curve.append((len(acc), seconds, hypervolume(acc, mem, *ref)))
+            curve.append((len(acc), seconds, quality_hypervolume(acc, mem, ref, objective)))
     return curve
 
 
@@ -139,20 +157,22 @@ def hypervolume_curve(results: pa.Table, ref: Optional[tuple[float, float]] = No
 
 
 def write_results(records: Sequence[dict], out_dir: Path, baselines: Optional[dict[str, tuple[int, float]]] = None,
-                  plot: bool = True) -> tuple[pa.Table, pa.Table]:
+                  plot: bool = True, objective: Optional[str] = None) -> tuple[pa.Table, pa.Table]:
     """results.parquet and pareto.parquet (and pareto.png when `plot`) in out_dir, merged with the
     results file already there (see merge_previous); the stored reference point is kept unless a
-    trial now needs a larger box. Temp files of an earlier killed write are removed."""
+    trial now needs a larger box. `objective` is search.objective (default: the existing file's, else
+    accuracy). Temp files of an earlier killed write are removed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.parquet.*.tmp"):  # left by a writer killed mid-write; one writer per run
         stale.unlink(missing_ok=True)
-    results = results_table(records)
+    previous = pq.read_table(out_dir / "results.parquet") if (out_dir / "results.parquet").is_file() else None
+    objective = objective or (objective_of(previous).name if previous is not None else "accuracy")
+    results = results_table(records, objective)
     ref = reference_rule(results)
-    if (out_dir / "results.parquet").is_file():
-        previous = pq.read_table(out_dir / "results.parquet")
+    if previous is not None:
         results = merge_previous(results, previous)
-        ref = max(reference_point(previous), reference_rule(results), key=lambda r: r[1])
+        ref = wider(reference_point(previous), reference_rule(results), QUALITY[objective])
     results = with_reference(results, ref)
     front = front_table(results)
     write_parquet_atomic(results, out_dir / "results.parquet")
@@ -188,27 +208,33 @@ def print_front(front: pa.Table, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    objective = objective_of(front)
     ppl = [c for c in front.column_names if c.startswith("ppl_")]
-    table = Table(title=f"Pareto front ({front.num_rows} configurations; accuracy max, memory min)", title_justify="left")
+    table = Table(title=f"Pareto front ({front.num_rows} configurations; {objective.name} {objective.mode}, memory min)",
+                  title_justify="left")
     table.add_column("trial", no_wrap=True)
     table.add_column("bits per layer", overflow="fold")
+    if objective.name == "val_logprob":
+        table.add_column("val log-prob", justify="right", no_wrap=True)
     table.add_column("accuracy ± se", justify="right", no_wrap=True)
     for column in ppl:
         table.add_column(f"{column.removeprefix('ppl_')} ppl", justify="right", overflow="fold")
     table.add_column("memory GB", justify="right", no_wrap=True)
     for r in front.to_pylist():
-        table.add_row(r["trial_id"], compact_bits(r["bits"]), accuracy_text(r),
+        first = [f"{r['val_logprob']:.4f}"] if objective.name == "val_logprob" else []
+        table.add_row(r["trial_id"], compact_bits(r["bits"]), *first, accuracy_text(r),
                       *[f"{r[c]:.4g}" if r[c] is not None else "-" for c in ppl], f"{r['memory_gb']:.4f}")
     (console or Console()).print(table)
 
 
 def uniform_baselines(results: pa.Table) -> dict[str, tuple[int, float]]:
-    """Completed trials whose layers all share one bit-width: {'uniform-4': (memory bytes, accuracy)}.
+    """Completed trials whose layers all share one bit-width: {'uniform-4': (memory bytes, quality objective)}.
     The earliest such trial per width is the baseline."""
+    name = objective_of(results).name
     out: dict[str, tuple[int, float]] = {}
     for r in completed(results).to_pylist():
         if r["bits"] and len(set(r["bits"])) == 1:
-            out.setdefault(f"uniform-{r['bits'][0]}", (r["memory_bytes"], r["accuracy"]))
+            out.setdefault(f"uniform-{r['bits'][0]}", (r["memory_bytes"], r[name]))
     return out
 
 
@@ -246,10 +272,11 @@ def honest_range(lo: float, hi: float, min_span: float, floor: Optional[float] =
 
 def plot_front(results: pa.Table, front: pa.Table, path: Path,
                baselines: Optional[dict[str, tuple[int, float]]] = None, predicted: Optional[list[dict]] = None) -> None:
-    """Accuracy vs memory: completed trials grey with their 95% intervals, stopped-early ones as ticks on the
-    memory axis (they have no final accuracy), failed ones omitted, the front as a red step line, baselines
-    as stars, and the performance model's predicted front (qpruner.predict) dashed with a ±1 standard
-    deviation band. The axes span at least MIN_ACCURACY_SPAN and MIN_MEMORY_SPAN, so noise does not fill the plot."""
+    """The quality objective (accuracy by default) vs memory: completed trials grey with their 95% intervals
+    (accuracy), stopped-early ones as ticks on the memory axis (they have no final value), failed ones omitted,
+    the front as a red step line, baselines as stars, and the performance model's predicted front
+    (qpruner.predict) dashed with a ±1 standard deviation band. The accuracy axis spans at least
+    MIN_ACCURACY_SPAN and the memory axis MIN_MEMORY_SPAN, so noise does not fill the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,21 +284,25 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
     import matplotlib.transforms as mtransforms
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+    objective = objective_of(results)
     baselines = uniform_baselines(results) if baselines is None else baselines
+    baselines = {k: v for k, v in baselines.items() if v[1] is not None}
     rows = results.select(["status", "memory_gb"]).to_pylist()
     done = completed(results)
     early = [r["memory_gb"] for r in rows if r["status"] == "stopped_early" and r["memory_gb"] is not None]
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=130)
-    ax.scatter(done["memory_gb"].to_pylist(), done["accuracy"].to_pylist(), c="0.6", s=28, label="completed trials")
-    se = [v if v is not None else 0.0 for v in done["accuracy_stderr"].to_pylist()] if "accuracy_stderr" in done.column_names else []
+    values = done[objective.name].to_pylist()
+    ax.scatter(done["memory_gb"].to_pylist(), values, c="0.6", s=28, label="completed trials")
+    se = [v if v is not None else 0.0 for v in done["accuracy_stderr"].to_pylist()] \
+        if objective.name == "accuracy" and "accuracy_stderr" in done.column_names else []
     if any(se):
-        ax.errorbar(done["memory_gb"].to_pylist(), done["accuracy"].to_pylist(), yerr=[1.96 * v for v in se], fmt="none",
+        ax.errorbar(done["memory_gb"].to_pylist(), values, yerr=[1.96 * v for v in se], fmt="none",
                     ecolor="0.7", elinewidth=1, capsize=2, zorder=1, label="95% interval (±1.96 standard errors)")
     if early:
         rug = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         ax.scatter(early, [0.03] * len(early), transform=rug, marker="|", s=160, c="0.45",
-                   label="stopped early (no final accuracy)")
-    f_mem, f_acc = front["memory_gb"].to_pylist(), front["accuracy"].to_pylist()
+                   label=f"stopped early (no final {objective.name})")
+    f_mem, f_acc = front["memory_gb"].to_pylist(), front[objective.name].to_pylist()
     xs = done["memory_gb"].to_pylist() + early + [b[0] / GB for b in baselines.values()]
     if f_mem:
         ax.step(f_mem + [max(xs)], f_acc + [f_acc[-1]], where="post", c="tab:red", lw=1.6, zorder=2)
@@ -286,16 +317,17 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
         ax.scatter([], [], marker="*", s=120, c="tab:blue", label="uniform-precision baselines")
     if xs:  # the rug is not in data coordinates on y, so set the memory range by hand
         ax.set_xlim(*honest_range(min(xs), max(xs), MIN_MEMORY_SPAN * max(xs), floor=0.0))
-    accs = done["accuracy"].to_pylist()
-    ys = ([a - 1.96 * e for a, e in zip(accs, se)] + [a + 1.96 * e for a, e in zip(accs, se)] + accs + f_acc
+    ys = ([a - 1.96 * e for a, e in zip(values, se)] + [a + 1.96 * e for a, e in zip(values, se)] + values + f_acc
           + [b[1] for b in baselines.values()] + p_acc)
-    if ys:
+    if ys and objective.name == "accuracy":
         ax.set_ylim(*honest_range(min(ys), max(ys), MIN_ACCURACY_SPAN, floor=0.0, ceil=1.0))
+    elif ys:
+        ax.set_ylim(*honest_range(min(ys), max(ys), 0.02 * max(abs(y) for y in ys)))
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}"))
     ax.set_xlabel(memory_label(results))
-    ax.set_ylabel("accuracy (mean over tasks)")
-    ax.set_title("qpruner: accuracy vs memory of every trial")
+    ax.set_ylabel(objective.label + (" (lower is better)" if objective.mode == "min" else ""))
+    ax.set_title(f"qpruner: {objective.name} vs memory of every trial")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
@@ -305,14 +337,15 @@ def plot_front(results: pa.Table, front: pa.Table, path: Path,
 
 def plot_predicted(ax, predicted: Optional[list[dict]], xs: list[float]) -> list[float]:
     """The predicted front (rows of predicted_front.parquet) as a dashed step line with its ±1 standard
-    deviation band, within the measured memory range; its plotted accuracies (for the axis range)."""
+    deviation band (`predicted_low`..`predicted_high`, in the objective's units), within the measured memory
+    range; its plotted values (for the axis range)."""
     rows = [r for r in predicted or [] if r.get("predicted_std") is not None and (not xs or r["memory_gb"] <= max(xs))]
     if not rows:
         return []
     mem = [r["memory_gb"] for r in rows]
-    acc = np.array([r["predicted_accuracy"] for r in rows])
-    std = np.array([r["predicted_std"] for r in rows])
-    ax.step(mem, acc, where="post", ls="--", c="tab:green", lw=1.3, zorder=2, label=f"predicted front ({len(rows)})")
-    ax.fill_between(mem, acc - std, acc + std, step="post", color="tab:green", alpha=0.12, zorder=1)
-    return list(acc - std) + list(acc + std)
+    value = np.array([r["predicted"] for r in rows])
+    low, high = np.array([r["predicted_low"] for r in rows]), np.array([r["predicted_high"] for r in rows])
+    ax.step(mem, value, where="post", ls="--", c="tab:green", lw=1.3, zorder=2, label=f"predicted front ({len(rows)})")
+    ax.fill_between(mem, low, high, step="post", color="tab:green", alpha=0.12, zorder=1)
+    return list(low) + list(high)
 

@@ -123,11 +123,33 @@ def preflight(cfg: Config) -> TaskPlan:
     if cfg.prune.calibrates:
         calibration_texts(cfg.prune.calibration, cfg.output.cache)
     try:
-        load_tasks(tuple(names), tuple(paths))
+        loaded = load_tasks(tuple(names), tuple(paths))
     except ConfigError as exc:
         raise local_data_error(cfg, exc) from None
     validated_tasks(cfg)
+    check_objective(cfg, {name: task.OUTPUT_TYPE for name, task in loaded["tasks"].items()})
     return plan_tasks(cfg)
+
+
+PERPLEXITY_TYPE = "loglikelihood_rolling"  # lm-eval's output type of perplexity tasks (wikitext)
+
+
+def check_objective(cfg: Config, output_types: dict[str, str]) -> None:
+    """search.objective: perplexity needs a perplexity task among eval.tasks (`output_types`: {lm-eval task:
+    output type}), and that task's text must not be the pruning's calibration text (a model pruned on a text
+    and scored on it ranks by memorisation). One line naming the field, before any work."""
+    if cfg.search.objective != "perplexity":
+        return
+    task = next((t for t in cfg.eval.tasks if output_types.get(t) == PERPLEXITY_TYPE), None)
+    if task is None:
+        raise ConfigError("search.objective", "perplexity needs a perplexity task in eval.tasks, e.g. wikitext with "
+                          "eval.local_data.wikitext=FILE (any text in its `page` field); add one, or use accuracy or val_logprob")
+    text = cfg.eval.local_data.get(task)
+    source = cfg.prune.calibration.source
+    same = text and Path(source).expanduser().is_file() and Path(text).expanduser().resolve() == Path(source).expanduser().resolve()
+    if cfg.prune.calibrates and same:
+        raise ConfigError(f"eval.local_data.{task}", f"{text!r} is also prune.calibration.source; the perplexity objective "
+                          "must be measured on a text the pruning did not calibrate on: name another file")
 
 
 def local_data_error(cfg: Config, exc: ConfigError) -> ConfigError:

@@ -519,6 +519,28 @@ def predicted_front(model: PerformanceModel, offset: Optional[float] = None) -> 
     return rows
 
 
+def to_target(objective: str, values) -> np.ndarray:
+    """What the performance model fits for search.objective's values: higher is better, and perplexity as
+    -log(perplexity), the scale on which one layer's logit KL adds up (a layer's KL raises the log-perplexity,
+    not the perplexity, by about its size)."""
+    values = np.asarray(values, dtype=float)
+    if objective == "perplexity":
+        return -np.log(values)
+    from qpruner.results import QUALITY
+
+    return QUALITY[objective].oriented(values)
+
+
+def from_target(objective: str, target) -> np.ndarray:
+    """The inverse of `to_target`: a model prediction in the objective's own units."""
+    target = np.asarray(target, dtype=float)
+    if objective == "perplexity":
+        return np.exp(-target)
+    from qpruner.results import QUALITY
+
+    return QUALITY[objective].oriented(target)
+
+
 def best_under(front: list[dict], max_memory_gb: float) -> Optional[dict]:
     """The front's configuration of best predicted objective within `max_memory_gb` (None if none fits)."""
     fits = [r for r in front if r["memory_gb"] <= max_memory_gb]
@@ -557,10 +579,11 @@ class ModelSampler(_optuna_sampler_base()):
     for the others, so it works with the fixed search space Ray Tune hands Optuna.
     """
 
-    def __init__(self, units: UnitTable, seed: int = 0, max_memory_gb: Optional[float] = None):
+    def __init__(self, units: UnitTable, seed: int = 0, max_memory_gb: Optional[float] = None, objective: str = "accuracy"):
         from optuna.samplers import RandomSampler
 
         self.units = units
+        self.objective = objective  # search.objective: what values[0] is (see to_target)
         self._rng = np.random.default_rng(seed)
         self._fallback = RandomSampler(seed=seed)
         self._max_memory_gb = max_memory_gb
@@ -589,7 +612,6 @@ class ModelSampler(_optuna_sampler_base()):
 
     def propose(self, study) -> Optional[dict]:
         """The next configuration's params, or None when no unseen configuration fits the budget."""
-        from optuna.study import StudyDirection
         from optuna.trial import TrialState
 
         from qpruner.search import FROM_RECORD, params_key
@@ -597,9 +619,8 @@ class ModelSampler(_optuna_sampler_base()):
         trials = study.get_trials(deepcopy=False)
         seen = {params_key(t.params) for t in trials if t.params}
         done = [t for t in trials if t.state == TrialState.COMPLETE and FROM_RECORD not in t.user_attrs and t.values]
-        sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
         idx = [self.units.index(t.params) for t in done]
-        y = [sign * t.values[0] for t in done]
+        y = list(to_target(self.objective, [t.values[0] for t in done]))
         mem = [t.values[1] * 1024**3 for t in done]
         model = PerformanceModel(self.units).fit(idx, y)
         offset = memory_offset(self.units, idx, mem)
@@ -687,11 +708,11 @@ def run_model(run: str | Path) -> Optional[dict]:
     done = [r for r in completed(read_results(run)).to_pylist() if not str(r["trial_id"]).startswith("baseline:")]
     done.sort(key=lambda r: r.get("finished_at") or r.get("started_at") or 0)  # in the order they arrived
     idx = [units.index(_unit_params(r, units)) for r in done]
-    y = [float(r["accuracy"]) for r in done]
+    y = [float(v) for v in to_target(cfg.search.objective, [r[cfg.search.objective] for r in done])]
     mem = [float(r["memory_bytes"]) for r in done]
     return {"table": table, "units": units, "model": PerformanceModel(units).fit(idx, y), "idx": idx, "y": y,
             "memory": mem, "offset": memory_offset(units, idx, mem), "trials": [r["trial_id"] for r in done],
-            "kind": cfg.search.sensitivity}
+            "kind": cfg.search.sensitivity, "objective": cfg.search.objective}
 
 
 def _unit_params(row: dict, units: UnitTable) -> dict:
@@ -719,14 +740,13 @@ def write_predictions(run: str | Path) -> Optional[dict]:
         return None
     run, units, n_layers = Path(run), fitted["units"], len(fitted["table"].kl)
     front = predicted_front(fitted["model"], fitted["offset"])
-    rows = [{"memory_gb": r["memory_gb"], "memory_bytes": int(r["memory_bytes"]), "predicted_accuracy": r["predicted"],
-             "predicted_std": r["predicted_std"],
+    rows = [{"memory_gb": r["memory_gb"], "memory_bytes": int(r["memory_bytes"]), **in_units(fitted["objective"], r),
              "bits": expand([units.choices[c][0] for c in r["choices"]], n_layers),
              "ranks": expand([units.choices[c][1] for c in r["choices"]], n_layers) if units.choices[0][1] else None}
             for r in front]
     write_parquet_atomic(pa.Table.from_pylist(rows), run / "predicted_front.parquet")
     idx, y = fitted["idx"], fitted["y"]
-    quality = {"sensitivity": fitted["kind"], "trials": len(y),
+    quality = {"sensitivity": fitted["kind"], "objective": fitted["objective"], "trials": len(y),
                "loo_spearman": loo_spearman(units, idx, y),
                # as trials arrived (completion order): the leave-one-out figure over the first k completed trials
                "loo_spearman_by_trials": {k: loo_spearman(units, idx[:k], y[:k]) for k in range(4, len(y) + 1)},
@@ -735,6 +755,19 @@ def write_predictions(run: str | Path) -> Optional[dict]:
                "fitted": fitted["model"].fitted}
     write_json_atomic(quality, run / "performance_model.json")
     return {"front": rows, "quality": quality}
+
+
+def in_units(objective: str, row: dict) -> dict:
+    """A predicted front row's value in the objective's own units: `predicted`, `predicted_std` (in the
+    model's space, see to_target), and `predicted_low` / `predicted_high`, the ±1 standard deviation band
+    mapped back (a perplexity band is not symmetric). Before the model is fitted (std None) `predicted` is the
+    table's score -S, which has no units: it stays as it is."""
+    mean, std = row["predicted"], row["predicted_std"]
+    if std is None:
+        return {"predicted": mean, "predicted_std": None, "predicted_low": None, "predicted_high": None}
+    ends = sorted(float(v) for v in from_target(objective, [mean - (std or 0.0), mean + (std or 0.0)]))
+    return {"predicted": float(from_target(objective, mean)), "predicted_std": std,
+            "predicted_low": ends[0], "predicted_high": ends[1]}
 
 
 def quality_lines(quality: dict, trial_seconds: Optional[float] = None) -> list[str]:
@@ -748,7 +781,7 @@ def quality_lines(quality: dict, trial_seconds: Optional[float] = None) -> list[
     arrived = ", ".join(f"{k}: {rho(v)}" for k, v in quality.get("loo_spearman_by_trials", {}).items() if v is not None)
     return [f"- Sensitivity table (`{quality['sensitivity']}`): {cost}.",
             f"- Predictor quality over {quality['trials']} completed trials: leave-one-out Spearman {rho(quality['loo_spearman'])} "
-            f"against the measured accuracy; the table alone ranks them at {rho(quality['table_spearman'])}."
+            f"against the measured {quality.get('objective', 'accuracy')}; the table alone ranks them at {rho(quality['table_spearman'])}."
             + (f" As trials arrived (completed trials: Spearman): {arrived}." if arrived else ""),
             "- Predicted front (dashed in pareto.png, band = ±1 standard deviation): `predicted_front.parquet`; "
             "`qpruner predict --run <this folder> --max-memory-gb X` gives the best configuration under X GB."]
@@ -827,10 +860,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     n_layers = pruned_layer_count(pruned_path)
     layer_bits, layer_ranks = expand(bits, n_layers), expand(ranks, n_layers) if ranks else None
+    objective = cfg.search.objective
     if best["predicted_std"] is None:
-        value = f"table score -{-best['predicted']:.4g} (sum of `{cfg.search.sensitivity}` sensitivity; no trial to calibrate accuracy)"
+        value = (f"table score -{-best['predicted']:.4g} (sum of `{cfg.search.sensitivity}` sensitivity; no trial to "
+                 f"calibrate {objective})")
     else:
-        value = f"predicted accuracy {best['predicted']:.3f} ± {best['predicted_std']:.3f}"
+        shown = in_units(objective, best)
+        value = f"predicted {objective} {shown['predicted']:.4g} (±1 std: {shown['predicted_low']:.4g} .. {shown['predicted_high']:.4g})"
     print(f"best under {args.max_memory_gb:g} GB: {best['memory_gb']:.4g} GB ({cfg.search.memory_objective}), {value}")
     print(f"bits per layer: {compact_bits(layer_bits)}" + (f"  ranks: {compact_bits(layer_ranks)}" if layer_ranks else ""))
     print(f"train it: qpruner trial --config <recipe> --bits {','.join(map(str, layer_bits))}"
@@ -839,7 +875,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from qpruner.trial import run_trial
 
         result = run_trial(cfg, pruned_path, layer_bits, ranks=layer_ranks, progress=True, tasks=tasks)
-        print(f"measured: accuracy {result['accuracy']:.3f}, memory {result['memory_gb']:.4g} GB")
+        measured = result.get(objective)
+        print(f"measured: {objective} {'-' if measured is None else f'{measured:.4g}'}, accuracy {result['accuracy']:.3f}, "
+              f"memory {result['memory_gb']:.4g} GB")
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
     return 0
 

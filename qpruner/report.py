@@ -24,7 +24,7 @@ from qpruner.pareto import (
     uniform_baselines,
 )
 from qpruner.predict import quality_lines, write_predictions
-from qpruner.results import GB, accuracy_text, column_label, metric_columns, noise_text
+from qpruner.results import GB, QUALITY, Objective, accuracy_text, column_label, metric_columns, noise_text, objective_of
 from qpruner.runfolder import check_run_dir
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike
@@ -41,7 +41,8 @@ def write_report(run_dir: str | Path) -> Path:
     ref = reference_point(results)
     curve = hypervolume_curve(results, ref)
     baselines = list(load_baselines(run).values())
-    stars = {**uniform_baselines(results), **{b["label"]: (b["memory_bytes"], b["accuracy"]) for b in baselines
+    objective = objective_of(results)
+    stars = {**uniform_baselines(results), **{b["label"]: (b["memory_bytes"], b.get(objective.name)) for b in baselines
                                               if b["memory_bytes"] is not None}}
     source = model_source(run)  # every input is read before anything is written
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
@@ -53,8 +54,8 @@ def write_report(run_dir: str | Path) -> Path:
         validation = {"validation": validation, "warnings": []}
     predictions = write_predictions(run)  # the performance model's front, when the run kept a sensitivity table
     plot_front(results, front, run / "pareto.png", stars, predicted=predictions["front"] if predictions else None)
-    plot_hypervolume(curve, ref, run / "hypervolume.png")
-    plot_bits(front.to_pylist(), run / "bits_heatmap.png")
+    plot_hypervolume(curve, ref, run / "hypervolume.png", objective)
+    plot_bits(front.to_pylist(), run / "bits_heatmap.png", objective)
     (run / "report.md").write_text(markdown(run.name, results, front, curve, config, baselines, repeats, source,
                                             validation, predictions["quality"] if predictions else None))
     return run / "report.md"
@@ -96,6 +97,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     failed = [r for r in rows if r["status"] == "failed"]
     oom = [r for r in rows if r["status"] == "oom"]
     ref = reference_point(results)
+    objective = objective_of(results)
     hv = curve[-1][2] if curve else 0.0
     lines = [f"# qpruner run: {name}", ""]
     ended = len(done) + len(early) + len(failed) + len(oom)
@@ -107,9 +109,10 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += time_lines(rows)
     lines += validation_lines((validation or {}).get("validation"))
     lines += early_stop_lines(rows, early)
-    lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} accuracy x GB "
-              f"({normalized(hv, ref):.3f} of the reference box), reference point: accuracy {ref[0]:g}, "
-              f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory, fixed for the run).",
+    lines += [f"- Objectives: {objective.label} ({objective.mode}; search.objective), memory (min)."]
+    lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} {objective.name} x GB "
+              f"({normalized(hv, ref, objective):.3f} of the reference box), reference point: {objective.name} {ref[0]:g}, "
+              f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory; the box only grows).",
               f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
     if model_quality is not None:
         seconds = [r["wall_seconds"] for r in done if r.get("wall_seconds")]
@@ -119,8 +122,9 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += ["## Pareto front", "", "Sorted by memory; bits are per decoder layer, first layer first. Accuracy ± its "
               "standard error over the scored documents (lm-eval's); two accuracies closer than about twice their "
               "combined standard error are within noise.", ""]
-    lines += md_table(front.to_pylist(), tasks) if front.num_rows else ["No completed trial yet."]
-    lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines)
+    lines += md_table(front.to_pylist(), tasks, objective=objective) if front.num_rows else ["No completed trial yet."]
+    lines += ["", "## Comparison with uniform precision", ""] + comparison_lines(done, front.to_pylist(), tasks, baselines,
+                                                                                         objective.name)
     lines += ["", "## Search progress", "", "![hypervolume vs completed trials](hypervolume.png)", "",
               "## Bits per layer on the front", "", "![bits per layer on the Pareto front](bits_heatmap.png)", ""]
     if early:
@@ -205,10 +209,11 @@ def memory_sources(rows: list[dict]) -> str:
     return f"measured peak for {measured} trials, analytic estimate for {len(sources) - measured}"
 
 
-def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], baselines: Sequence[dict] = ()) -> list[str]:
+def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], baselines: Sequence[dict] = (),
+                     objective_name: str = "accuracy") -> list[str]:
     """The paper's rows when present: the unpruned model and uniform-16 LoRA (baselines.json, measured
     after the search), uniform-4/-8 LoftQ, then the best mixed configuration overall and the best mixed
-    one within each uniform configuration's memory."""
+    one within each uniform configuration's memory, "best" by search.objective (`objective_name`)."""
     uniform: dict[int, dict] = {b["bits"][0]: b for b in baselines if b["trial_id"] == "baseline:uniform-16"}
     for r in done:
         if r["bits"] and len(set(r["bits"])) == 1:
@@ -219,7 +224,8 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
     labelled = [(unpruned["label"], unpruned)] if unpruned else []
     labelled += [(apt["label"], apt)] if apt else []
     labelled += [(f"uniform-{b} {'LoRA' if b == 16 else 'LoftQ'}", r) for b, r in sorted(uniform.items(), reverse=True)]
-    best = max(mixed, key=lambda r: r["accuracy"]) if mixed else None
+    objective = QUALITY[objective_name]
+    best = objective.best(mixed)
     if best:
         labelled.append(("best mixed", best))
     deltas = []
@@ -227,12 +233,13 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
         within = [r for r in mixed if r["memory_bytes"] <= base["memory_bytes"]]
         if not within:
             continue
-        pick = max(within, key=lambda r: r["accuracy"])
+        pick = objective.best(within)
+        if pick is None:
+            continue
         if pick is not best:
             labelled.append((f"best mixed within uniform-{b} memory", pick))
-        noise = noise_text(pick, base)
         deltas.append(f"- Best mixed within uniform-{b} memory (`{pick['trial_id']}`) vs uniform-{b}: "
-                      f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy{f', {noise}' if noise else ''}, "
+                      f"{quality_delta(pick, base, objective)}, "
                       f"{100 * (pick['memory_bytes'] / base['memory_bytes'] - 1):+.1f}% memory.")
     if not labelled:
         return ["No completed trial to compare yet."]
@@ -243,16 +250,35 @@ def comparison_lines(done: list[dict], front: list[dict], tasks: list[str], base
     if apt:
         note += ["APT, no retraining: the source model pruned by APT at matching sparsity (qpruner/baselines.py), "
                  f"zero-shot, unquantized; its memory column is empty (dense weights with zeros: {apt['weight_bytes'] / GB:.4f} GB).", ""]
-    table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled])
+    table = md_table([r for _, r in labelled], tasks, [label for label, _ in labelled], objective)
     return note + table + ([""] + deltas if deltas else [])
 
 
-def md_table(rows: Sequence[dict], tasks: list[str], labels: Optional[list[str]] = None) -> list[str]:
-    """A Markdown table: [label], trial, bits per layer, accuracy ± standard error, per-task accuracy, memory GB."""
-    head = (["row"] if labels else []) + ["trial", "bits per layer", "accuracy ± se", *[column_label(t) for t in tasks], "memory GB"]
+def quality_delta(pick: dict, base: dict, objective: Objective) -> str:
+    """How `pick` differs from `base` on the objective: accuracy points with the noise verdict, else the
+    objective's own difference (and the accuracy's beside it)."""
+    noise = noise_text(pick, base)
+    acc = f"{100 * (pick['accuracy'] - base['accuracy']):+.1f} pt accuracy{f', {noise}' if noise else ''}" \
+        if pick.get("accuracy") is not None and base.get("accuracy") is not None else ""
+    if objective.name == "accuracy" or pick.get(objective.name) is None or base.get(objective.name) is None:
+        return acc or "-"
+    diff = pick[objective.name] - base[objective.name]
+    own = (f"{100 * diff / base[objective.name]:+.1f}% perplexity" if objective.name == "perplexity"
+           else f"{diff:+.4f} validation log-prob")
+    return f"{own}" + (f" ({acc})" if acc else "")
+
+
+def md_table(rows: Sequence[dict], tasks: list[str], labels: Optional[list[str]] = None,
+             objective: Objective = QUALITY["accuracy"]) -> list[str]:
+    """A Markdown table: [label], trial, bits per layer, [validation log-prob, when it is the objective],
+    accuracy ± standard error, per-task accuracy (and perplexity), memory GB."""
+    logprob = objective.name == "val_logprob"
+    head = (["row"] if labels else []) + ["trial", "bits per layer", *(["validation log-prob"] if logprob else []),
+                                          "accuracy ± se", *[column_label(t) for t in tasks], "memory GB"]
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for i, r in enumerate(rows):
-        cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]), accuracy_text(r),
+        cells = ([labels[i]] if labels else []) + [r["trial_id"], compact_bits(r["bits"]),
+                                                   *([fmt(r.get("val_logprob"), 4)] if logprob else []), accuracy_text(r),
                                                    *[fmt(r.get(t)) for t in tasks], fmt(gb(r), 4)]
         out.append("| " + " | ".join(cells) + " |")
     return out
@@ -304,7 +330,8 @@ def _pyplot():
     return plt
 
 
-def plot_hypervolume(curve: list[tuple[int, float, float]], ref: tuple[float, float], path: Path) -> None:
+def plot_hypervolume(curve: list[tuple[int, float, float]], ref: tuple[float, float], path: Path,
+                     objective: Objective = QUALITY["accuracy"]) -> None:
     """Hypervolume (fraction of the reference box) after each completed trial, with trial-hours on top."""
     from matplotlib.ticker import MaxNLocator
 
@@ -312,15 +339,15 @@ def plot_hypervolume(curve: list[tuple[int, float, float]], ref: tuple[float, fl
     fig, ax = plt.subplots(figsize=(7, 4), dpi=130)
     if curve:
         n = [c[0] for c in curve]
-        ax.step(n, [normalized(c[2], ref) for c in curve], where="post", c="tab:red", lw=1.6)
-        ax.plot(n, [normalized(c[2], ref) for c in curve], "o", c="tab:red", ms=4)
+        ax.step(n, [normalized(c[2], ref, objective) for c in curve], where="post", c="tab:red", lw=1.6)
+        ax.plot(n, [normalized(c[2], ref, objective) for c in curve], "o", c="tab:red", ms=4)
         for c in curve[:: max(len(curve) // 6, 1)]:
-            ax.annotate(duration(c[1]), (c[0], normalized(c[2], ref)), textcoords="offset points",
+            ax.annotate(duration(c[1]), (c[0], normalized(c[2], ref, objective)), textcoords="offset points",
                         xytext=(0, 7), ha="center", va="bottom", fontsize=8, color="0.35")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("completed trials (labels: trial time spent so far, all trials)")
     ax.set_ylabel("hypervolume (fraction of reference box)")
-    ax.set_title(f"search progress (reference: accuracy {ref[0]:g}, memory {ref[1] / GB:.4g} GB)")
+    ax.set_title(f"search progress (reference: {objective.name} {ref[0]:.4g}, memory {ref[1] / GB:.4g} GB)")
     ax.margins(x=0.06, y=0.2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -328,7 +355,7 @@ def plot_hypervolume(curve: list[tuple[int, float, float]], ref: tuple[float, fl
     plt.close(fig)
 
 
-def plot_bits(front: list[dict], path: Path) -> None:
+def plot_bits(front: list[dict], path: Path, objective: Objective = QUALITY["accuracy"]) -> None:
     """Front configurations (rows, by memory) x decoder layers, coloured by bit-width."""
     import numpy as np
     from matplotlib.colors import ListedColormap
@@ -346,7 +373,7 @@ def plot_bits(front: list[dict], path: Path) -> None:
             for (i, j), k in np.ndenumerate(grid):
                 ax.text(j, i, str(levels[k]), ha="center", va="center", fontsize=7,
                         color="white" if levels[k] >= 8 else "black")
-        ax.set_yticks(range(len(front)), [f"{r['trial_id']}  acc {r['accuracy']:.3f}, {gb(r):.4g} GB" for r in front],
+        ax.set_yticks(range(len(front)), [f"{r['trial_id']}  {objective.name} {r[objective.name]:.4g}, {gb(r):.4g} GB" for r in front],
                       fontsize=8)
         step = max(n_layers // 16, 1)
         ax.set_xticks(range(0, n_layers, step))

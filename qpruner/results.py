@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -55,11 +56,13 @@ class TrialRecord:
     ranks: Optional[list] = _col(INT16_LIST)
     accuracy: Optional[float] = _col(pa.float64())  # the final test accuracy; None unless completed
     accuracy_stderr: Optional[float] = _col(pa.float64())  # its standard error (qpruner.evaluate.mean_acc_stderr)
+    perplexity: Optional[float] = _col(pa.float64())  # word perplexity of the first perplexity task in eval.tasks
     val_logprob: Optional[float] = _col(pa.float64())
     val_acc: Optional[float] = _col(pa.float64())
     memory_bytes: Optional[int] = _col(pa.int64())
     memory_gb: Optional[float] = _col(pa.float64())  # derived from memory_bytes
     memory_source: Optional[str] = _col(pa.string())
+    memory_measured: Optional[str] = _col(pa.string())  # what a measured peak counts (window, paged bytes); "" when estimated
     weight_bytes: Optional[int] = _col(pa.int64())
     lora_bytes: Optional[int] = _col(pa.int64())
     peak_estimate_bytes: Optional[int] = _col(pa.int64())
@@ -110,8 +113,7 @@ class TrialRecord:
 
 GB = 1024**3
 TIMINGS = ("quantize_s", "loftq_s", "finetune_s", "eval_s")
-OBJECTIVES = {"accuracy": "max", "memory_bytes": "min"}
-SCHEMA_VERSION = "2"  # 2: status oom and the gpu_fraction column (a version-1 file reads with it null)
+SCHEMA_VERSION = "3"  # 2: status oom and gpu_fraction; 3: perplexity and memory_measured (older files read with them null)
 RESULTS_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.fields(TrialRecord) if "arrow" in f.metadata])
 FIXED = RESULTS_SCHEMA  # the fixed columns, in order; per-task metric columns follow
 
@@ -162,10 +164,59 @@ def noise_text(a: dict, b: dict) -> str:
     return f"{verdict} (95% margin ±{100 * margin:.1f} pt)"
 
 
-def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
+# ---------------------------------------------------------------------------------------------
+# The quality objective (search.objective): which column the front, the hypervolume and the searcher read.
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The search's quality objective beside memory: a results column and the Tune metric of the same name,
+    its direction, how plots and reports name it, and the best value it can take (the far side of the
+    hypervolume's normalising box)."""
+
+    name: str
+    mode: str  # "max" or "min"
+    label: str
+    ideal: float
+
+    def oriented(self, values) -> np.ndarray:
+        """Values turned so that higher is better (the front and hypervolume code maximises)."""
+        return np.asarray(values, dtype=float) * (1.0 if self.mode == "max" else -1.0)
+
+    def best(self, rows: Sequence[dict]) -> Optional[dict]:
+        """The row with the best value of this objective (None when no row has one)."""
+        scored = [r for r in rows if r.get(self.name) is not None]
+        return max(scored, key=lambda r: float(self.oriented(r[self.name]))) if scored else None
+
+
+QUALITY = {
+    "accuracy": Objective("accuracy", "max", "accuracy (mean over tasks)", 1.0),
+    "val_logprob": Objective("val_logprob", "max", "validation log-prob of the gold answer (after fine-tuning)", 0.0),
+    "perplexity": Objective("perplexity", "min", "word perplexity", 1.0),
+}
+MEMORY_OBJECTIVE = ("memory_bytes", "min")
+
+
+def objective_perplexity(task_ppl: dict, tasks: Sequence[str]) -> Optional[float]:
+    """search.objective: perplexity's value: the word perplexity of the first perplexity task in eval.tasks
+    (`tasks`) that was scored, else of any scored one (None when the run scores none)."""
+    first = next((t for t in tasks if task_ppl.get(t) is not None), None) or next(iter(task_ppl), None)
+    return None if first is None else float(task_ppl[first])
+
+
+def objective_of(table: pa.Table) -> Objective:
+    """The quality objective a results (or front) table was written for: the first key of its `objectives`
+    metadata; accuracy for files without one."""
+    stored = (table.schema.metadata or {}).get(b"objectives")
+    name = next(iter(json.loads(stored)), "accuracy") if stored else "accuracy"
+    return QUALITY.get(name, QUALITY["accuracy"])
+
+
+def results_table(records: Sequence["TrialRecord | dict"], objective: Optional[str] = None) -> pa.Table:
     """One row per trial: the fixed columns, then `acc_<task>` and `acc_norm_<task>` per task seen; sorted by start.
 
-    The schema metadata holds the objectives and the run's hypervolume reference point.
+    The schema metadata holds the objectives (`objective`, default accuracy, and memory) and the run's
+    hypervolume reference point.
     """
     rows = sorted((TrialRecord.of(r) for r in records), key=lambda r: r.started_at or 0.0)
     columns = [pa.array([getattr(r, f.name) for r in rows], type=f.type) for f in RESULTS_SCHEMA]
@@ -177,45 +228,74 @@ def results_table(records: Sequence["TrialRecord | dict"]) -> pa.Table:
             columns.append(pa.array([getattr(r, name).get(task) for r in rows], type=arrow))
             fields.append(pa.field(f"{prefix}{task}", arrow))
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    table = with_reference(table, (0.0, 0.0), objective or "accuracy")
     return with_reference(table, reference_rule(table))
 
 
-REF_MEMORY_FACTOR = 1.1
+REF_MEMORY_FACTOR = 1.1  # the reference point's memory: 1.1 x the largest trial memory
+REF_QUALITY_MARGIN = 0.1  # val_logprob / perplexity: 10% beyond the worst completed value
 
 
 def reference_rule(table: pa.Table) -> tuple[float, float]:
-    """The rule: accuracy 0.0, memory 1.1 x the largest memory of any trial in the table.
+    """The rule: memory 1.1 x the largest memory of any trial in the table; the quality objective's side is
+    accuracy 0.0, or, for objectives without a natural worst value, 10% beyond the worst completed value
+    (val_logprob: worst - 0.1 |worst|; perplexity: 1.1 x the largest), 0.0 while none has completed.
 
-    Any status counts (memory is known before fine-tuning), so once the uniform-highest anchor has
-    started - the costliest configuration of the run - the point no longer moves.
+    Any status counts for memory (it is known before fine-tuning), so once the uniform-highest anchor has
+    started - the costliest configuration of the run - that side no longer moves; write_results keeps the wider
+    of the stored and the new point (`wider`), so the box only grows.
     """
     mems = [m for m in table["memory_bytes"].to_pylist() if m is not None]
-    return 0.0, REF_MEMORY_FACTOR * float(max(mems, default=0))
+    objective = objective_of(table)
+    if objective.name == "accuracy" or objective.name not in table.column_names:
+        return 0.0, REF_MEMORY_FACTOR * float(max(mems, default=0))
+    done = [v for v, s in zip(table[objective.name].to_pylist(), table["status"].to_pylist())
+            if s == "completed" and v is not None and v == v]
+    worst = (min if objective.mode == "max" else max)(done, default=0.0)
+    beyond = -1.0 if objective.mode == "max" else 1.0
+    return worst + beyond * REF_QUALITY_MARGIN * abs(worst), REF_MEMORY_FACTOR * float(max(mems, default=0))
 
 
-def with_reference(table: pa.Table, ref: tuple[float, float]) -> pa.Table:
-    """The table with run metadata: objectives, schema version and the hypervolume reference point `ref`."""
+def wider(a: tuple[float, float], b: tuple[float, float], objective: Objective) -> tuple[float, float]:
+    """The reference point whose box holds both: the larger memory, and the worse quality value (a value of
+    0.0 on a val_logprob or perplexity side means none completed yet)."""
+    qa, qb = a[0], b[0]
+    if objective.name != "accuracy" and 0.0 in (qa, qb):
+        quality = qb if qa == 0.0 else qa
+    else:
+        quality = min(qa, qb) if objective.mode == "max" else max(qa, qb)
+    return quality, max(a[1], b[1])
+
+
+def with_reference(table: pa.Table, ref: tuple[float, float], objective: Optional[str] = None) -> pa.Table:
+    """The table with run metadata: objectives (`objective`, else the table's own), schema version and the
+    hypervolume reference point `ref`."""
+    name = objective or objective_of(table).name
     meta = dict(table.schema.metadata or {})
-    meta.update({b"objectives": json.dumps(OBJECTIVES).encode(), b"schema_version": SCHEMA_VERSION.encode(),
+    meta.update({b"objectives": json.dumps(dict([(name, QUALITY[name].mode), MEMORY_OBJECTIVE])).encode(),
+                 b"schema_version": SCHEMA_VERSION.encode(),
                  b"reference_point": json.dumps([float(ref[0]), float(ref[1])]).encode()})
     return table.replace_schema_metadata(meta)
 
 
 def baseline_record(name: str, label: str, bits: list[int], accuracy: float, scores: dict, memory_bytes,
-                    weight_bytes: int) -> dict:
+                    weight_bytes: int, tasks: Sequence[str] = ()) -> dict:
     """A baseline's row (baselines.json), shaped like a results row: `trial_id` is `baseline:<name>`, and the
-    per-task scores (`scores`: qpruner.evaluate.eval_record's dict, or a trial result) become acc_/ppl_ columns."""
+    per-task scores (`scores`: qpruner.evaluate.eval_record's dict, or a trial result) become acc_/ppl_ columns;
+    `perplexity` is objective_perplexity's over eval.tasks (`tasks`)."""
     columns = {f"{prefix}{t}": v for name_, prefix, _ in TASK_COLUMNS for t, v in (scores.get(name_) or {}).items()}
     return {"trial_id": f"baseline:{name}", "label": label, "bits": bits, "accuracy": accuracy,
             "accuracy_stderr": scores.get("accuracy_stderr"),
+            "perplexity": objective_perplexity(scores.get("task_ppl") or {}, tasks),
             "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **columns}
 
 
 # ---------------------------------------------------------------------------------------------
 # Tune trials <-> records.
 
-RECORDED_KEYS = ("accuracy", "accuracy_stderr", "val_logprob", "val_acc", "memory_bytes", "memory_source", "weight_bytes", "lora_bytes",
-                 "peak_estimate_bytes", "peak_measured_bytes", "train_loss", "steps", "max_steps", *TIMINGS)
+RECORDED_KEYS = ("accuracy", "accuracy_stderr", "perplexity", "val_logprob", "val_acc", "memory_bytes", "memory_source",
+                 "memory_measured", "weight_bytes", "lora_bytes", "peak_estimate_bytes", "peak_measured_bytes", "train_loss",
+                 "steps", "max_steps", *TIMINGS)
 
 
 def write_oom_marker(out: str | Path, trial_id: str, oom) -> Path:
@@ -283,6 +363,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Option
         "ranks": ranks_from_config(trial.config, n_layers),
         "accuracy": last.get("accuracy") if final else None,
         "accuracy_stderr": last.get("accuracy_stderr") if final else None,
+        "perplexity": last.get("perplexity") if final else None,
         "task_acc": last.get("task_acc") or {},
         "task_acc_norm": last.get("task_acc_norm") or {},
         "task_ppl": last.get("task_ppl") or {},
@@ -293,6 +374,7 @@ def record_from_trial(trial, tune_status: Optional[str] = None, n_layers: Option
         "val_acc": last.get("val_acc"),
         "memory_bytes": last.get("memory_bytes") or _gb_to_bytes(last.get("memory_gb")),
         "memory_source": last.get("memory_source"),
+        "memory_measured": last.get("memory_measured"),
         "weight_storage": last.get("weight_storage"),
         "weight_bytes": last.get("weight_bytes"),
         "lora_bytes": last.get("lora_bytes"),

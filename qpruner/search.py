@@ -3,8 +3,8 @@ importance-aware first configurations (the "probabilistic decision").
 
 Layer importance (computed in qpruner.importance) -> probability that a layer gets the higher
 precision -> the first `n_init` bit vectors are drawn from those probabilities, spread over memory
-budgets; Bayesian optimisation (OptunaSearch, multi-objective: accuracy max, memory min) refines
-from there.
+budgets; Bayesian optimisation (OptunaSearch, multi-objective: the quality objective of
+`search.objective` - accuracy or validation log-prob up, perplexity down - and memory down) refines from there.
 """
 
 from __future__ import annotations
@@ -19,8 +19,13 @@ import numpy as np
 from qpruner.config import Config
 from qpruner.errors import ConfigError
 
-OBJECTIVES = ["accuracy", "memory_gb"]
-MODES = ["max", "min"]
+
+def objectives(cfg: Config) -> tuple[list[str], list[str]]:
+    """The searcher's (metrics, modes): search.objective's Tune metric and direction, then memory_gb (min)."""
+    from qpruner.results import QUALITY
+
+    quality = QUALITY[cfg.search.objective]
+    return [quality.name, "memory_gb"], [quality.mode, "min"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,12 +91,14 @@ def config_from_bits(bits: Sequence[int], ranks: Optional[Sequence[int]] = None)
 
 def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], record_path: Optional[str | Path] = None,
                   model_sampler=None):
-    """Multi-objective OptunaSearch (accuracy max, memory min), seeded, behind a ConcurrencyLimiter.
+    """Multi-objective OptunaSearch (`objectives`: search.objective's value, memory min), seeded, behind a
+    ConcurrencyLimiter.
 
     The objectives are named here only: naming metric/mode in TuneConfig too would make the Optuna
     study single-objective. What Optuna hears (RecordedOptunaSearch below): a completed trial's final
-    test accuracy and memory; a trial stopped by ASHA is PRUNED (its quick validation signal is not the
-    test accuracy, so it never enters the objective); a crashed trial is FAIL. Repeat proposals are
+    objective (test accuracy, validation log-prob after training, or perplexity) and memory; a trial
+    stopped by ASHA is PRUNED (its quick validation signal mid-training is not the final value, so it never
+    enters the objective); a crashed trial is FAIL. Repeat proposals are
     answered from the study's record instead of being trained again; TPE runs with constant_liar so
     pending trials steer it away. First points without rank keys get `lora.rank` (or the middle rank).
     `model_sampler` is the performance model's sampler (qpruner.predict.ModelSampler, built by the caller
@@ -113,9 +120,10 @@ def make_searcher(cfg: Config, n_layers: int, points_to_evaluate: list[dict], re
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # no constraint support: its draws ignore a budget
         "model": lambda: _required(model_sampler),
     }
+    metrics, modes = objectives(cfg)
     searcher = RecordedOptunaSearch(
-        metric=OBJECTIVES,
-        mode=MODES,
+        metric=metrics,
+        mode=modes,
         sampler=samplers[cfg.search.sampler](),
         points_to_evaluate=points_to_evaluate or None,
         seed=seed,

@@ -109,6 +109,7 @@ def _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, mea
     from qpruner.memory import memory_report, weight_storage
     from qpruner.prune import load_pruned
     from qpruner.quantize import lora_config_for, quantize_model, validate_bits
+    from qpruner.results import objective_perplexity
 
     if cfg.resources.threads or cfg.resources.cpu >= 1:
         torch.set_num_threads(int(cfg.resources.threads or cfg.resources.cpu))
@@ -142,7 +143,8 @@ def _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, mea
     def report_progress(metrics: dict) -> None:
         if report is not None:
             # accuracy is the final test accuracy only: None until then (Tune requires the key in every report)
-            report({**metrics, "accuracy": None, **progress_memory(memory, cfg.search.memory_objective),
+            # (and perplexity: the searcher's metric may be either, and Tune wants it in every report)
+            report({**metrics, "accuracy": None, "perplexity": None, **progress_memory(memory, cfg.search.memory_objective),
                     "max_steps": cfg.finetune.steps, "final": False})
 
     state["stage"] = "finetune"
@@ -151,6 +153,8 @@ def _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, mea
     validator = make_validator(peft_model, tokenizer, cfg, plan=tasks)
     ft = finetune(peft_model, tokenizer, cfg, report=report_progress, validate=validator, progress=progress)
     timings["finetune_s"] = time.perf_counter() - t
+    if cfg.search.objective == "val_logprob" and ft.steps % cfg.finetune.report_every:
+        ft.validations.append(validator())  # the objective is the validation after the last step, not before it
 
     state["stage"] = "eval"
     t = time.perf_counter()
@@ -173,6 +177,7 @@ def _run_trial(cfg, pruned_path, bits, ranks, report, adapter_dir, progress, mea
         "bits": list(bits),
         "ranks": ranks,
         "accuracy": ev["mean_acc"],
+        "perplexity": objective_perplexity(ev["task_ppl"], cfg.eval.tasks),
         **eval_record(ev),  # task_acc, task_acc_norm, task_ppl, subtask_acc, subtask_acc_norm, task_docs
         **ft.last_validation,
         "train_loss": ft.losses[-1] if ft.losses else None,

@@ -91,10 +91,11 @@ class ResultsWriter(Callback):
     It lives in the Tuner's pickled run config, so a restored run keeps writing the same files.
     """
 
-    def __init__(self, out_dir: Path, num_samples: int, n_layers: int):
+    def __init__(self, out_dir: Path, num_samples: int, n_layers: int, objective: str = "accuracy"):
         self.out_dir = Path(out_dir)
         self.num_samples = num_samples
         self.n_layers = n_layers  # a grouped search's configs hold one bit-width per group
+        self.objective = objective  # search.objective: the column the front is computed on
         self.setup()
 
     def setup(self, **info):
@@ -114,7 +115,7 @@ class ResultsWriter(Callback):
                     record.update(status="failed", accuracy=None, error=INTERRUPTED)
                 records.append(record)
         if records:
-            write_results(records, self.out_dir, plot=plot)
+            write_results(records, self.out_dir, plot=plot, objective=getattr(self, "objective", None))
         return records
 
     def interrupted(self, trial, record: dict) -> bool:
@@ -462,7 +463,8 @@ def build_tuner(plan: RunPlan, points: list, restore: bool, unit_table=None):
     if unit_table is not None:
         from qpruner.predict import ModelSampler
 
-        sampler = ModelSampler(unit_table, seed=cfg.search.seed, max_memory_gb=cfg.search.max_memory_gb)
+        sampler = ModelSampler(unit_table, seed=cfg.search.seed, max_memory_gb=cfg.search.max_memory_gb,
+                               objective=cfg.search.objective)
     searcher = make_searcher(cfg, units, points, record_path=out / SEARCHER_RECORD, model_sampler=sampler)
     return tune.Tuner(
         trainable,
@@ -472,7 +474,7 @@ def build_tuner(plan: RunPlan, points: list, restore: bool, unit_table=None):
             name=EXPERIMENT,
             storage_path=str(out),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-            callbacks=[ResultsWriter(out, cfg.search.num_samples, plan.n_layers)],
+            callbacks=[ResultsWriter(out, cfg.search.num_samples, plan.n_layers, cfg.search.objective)],
             verbose=1,
         ),
     )

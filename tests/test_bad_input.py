@@ -223,6 +223,7 @@ FIELDS = [
     ({"search": {"asha": {"max_t": 0}}}, "search.asha.max_t"),
     ({"search": {"asha": {"enabeld": True}}}, "did you mean 'search.asha.enabled'"),
     ({"search": {"memory_objective": "peak"}}, "search.memory_objective"),
+    ({"search": {"objective": "loss"}}, "search.objective"),
     ({"search": {"max_memory_gb": 0}}, "search.max_memory_gb"),
     ({"search": {"max_memory_gb": "lots"}}, "search.max_memory_gb"),
     ({"prune": {"ratio": 0}, "search": {"importance": "taylor"}}, "search.importance"),
@@ -270,6 +271,8 @@ for verb, argv in (("tune", TUNE), ("trial", TRIAL), ("prune", PRUNE)):
     ]
 ROWS += [
     ("tune-num-samples-0", "tune", TUNE + ["--num-samples", "0"], None, None, "search.num_samples"),
+    ("tune-perplexity-without-a-perplexity-task", "tune", TUNE, {"search": {"objective": "perplexity"}}, None,
+     "search.objective: perplexity needs a perplexity task"),
     ("tune-out-is-a-file", "tune", ["--config", "{cfg}", "--out", "{file}"], None, None, "--out"),
     ("tune-out-long-name", "tune", ["--config", "{cfg}", "--out", "{tmp}/" + LONG_NAME], None, None, "--out"),
     ("tune-out-long-path", "tune", ["--config", "{cfg}", "--out", "/" + LONG_PATH], None, None, "--out"),
@@ -611,3 +614,28 @@ OUT_OF_RANGE = {
 def test_any_field_out_of_its_range_is_refused_in_one_line(data, tmp_path, capsys):
     field = data.draw(st.sampled_from(sorted(OUT_OF_RANGE)))
     assert_tune_refuses(field, data.draw(OUT_OF_RANGE[field]), tmp_path, capsys)
+
+
+def test_the_perplexity_objective_is_not_measured_on_the_calibration_text(tmp_path, tiny_config):
+    """search.objective: perplexity reads the first perplexity task of eval.tasks; its text may not be the text
+    the pruning calibrated on. Checked on the driver before any work (qpruner.plan.preflight calls it with the
+    loaded tasks' output types)."""
+    from qpruner.errors import ConfigError
+    from qpruner.plan import check_objective
+
+    cfg = tiny_config
+    cfg.search.objective = "perplexity"
+    with pytest.raises(ConfigError) as exc:
+        check_objective(cfg, {"arc_easy": "multiple_choice"})
+    assert exc.value.field == "search.objective"
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text(json.dumps({"page": "one two three"}) + "\n")
+    cfg.eval.tasks = ["arc_easy", "wikitext"]
+    cfg.eval.local_data = {"wikitext": str(pages)}
+    cfg.prune.calibration.source = str(pages)
+    with pytest.raises(ConfigError) as exc:
+        check_objective(cfg, {"arc_easy": "multiple_choice", "wikitext": "loglikelihood_rolling"})
+    assert exc.value.field == "eval.local_data.wikitext" and "calibration" in str(exc.value)
+    cfg.prune.calibration.source = str(tmp_path / "other.txt")
+    (tmp_path / "other.txt").write_text("another text")
+    check_objective(cfg, {"arc_easy": "multiple_choice", "wikitext": "loglikelihood_rolling"})

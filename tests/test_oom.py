@@ -79,7 +79,7 @@ def test_statuses_and_resume_tell_an_oom_from_a_kill(tmp_path):
     assert merged.schema.names[:len(RESULTS_SCHEMA)] == RESULTS_SCHEMA.names
     assert dict(zip(merged["trial_id"].to_pylist(), merged["gpu_fraction"].to_pylist())) == {
         "own": None, "host": None, "nan": None, "new": 1.0}
-    assert merged.schema.metadata[b"schema_version"] == b"2"
+    assert merged.schema.metadata[b"schema_version"] == b"3"
     assert merged.schema.field("gpu_fraction").type == pa.float64()
 
 

@@ -166,9 +166,9 @@ def sample_records() -> list[dict]:
 
 EXPECTED_FIXED = [
     ("trial_id", "string"), ("status", "string"), ("bits", "list<element: int8>"), ("ranks", "list<element: int16>"),
-    ("accuracy", "double"), ("accuracy_stderr", "double"), ("val_logprob", "double"), ("val_acc", "double"),
-    ("memory_bytes", "int64"), ("memory_gb", "double"),
-    ("memory_source", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
+    ("accuracy", "double"), ("accuracy_stderr", "double"), ("perplexity", "double"), ("val_logprob", "double"),
+    ("val_acc", "double"), ("memory_bytes", "int64"), ("memory_gb", "double"),
+    ("memory_source", "string"), ("memory_measured", "string"), ("weight_bytes", "int64"), ("lora_bytes", "int64"), ("peak_estimate_bytes", "int64"),
     ("peak_measured_bytes", "int64"), ("train_loss", "double"), ("stopped_early", "bool"), ("iterations", "int32"),
     ("steps", "int32"), ("max_steps", "int32"), ("wall_seconds", "double"), ("quantize_s", "double"),
     ("loftq_s", "double"), ("finetune_s", "double"), ("eval_s", "double"), ("error", "string"), ("gpu_fraction", "double"),
@@ -397,3 +397,56 @@ def test_a_dearer_point_tied_up_to_float_rounding_is_not_on_the_front():
     from qpruner.pareto import pareto_mask
 
     assert pareto_mask([0.7333333333333333, 0.7333333333333334, 0.75], [1.0, 2.0, 3.0]).tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# search.objective: perplexity (smaller is better) and val_logprob.
+
+
+def perplexity_records() -> list[dict]:
+    """Four completed trials whose perplexity front is t1 (cheap) and t2 (dear, lower perplexity); t3 is dominated
+    by t2, t0 by t1. Accuracy says the opposite, so a front on the wrong column fails."""
+    return [record(0, "completed", [4, 4], 0.9, 120, perplexity=30.0), record(1, "completed", [4, 8], 0.1, 100, perplexity=25.0),
+            record(2, "completed", [8, 8], 0.2, 200, perplexity=12.0), record(3, "completed", [8, 4], 0.95, 210, perplexity=15.0),
+            record(4, "stopped_early", [8, 4], None, 160, steps=10)]
+
+
+def test_a_perplexity_run_has_its_front_hypervolume_and_reference_on_perplexity(tmp_path):
+    from qpruner.pareto import normalized, quality_hypervolume
+    from qpruner.results import QUALITY, objective_of
+
+    results, front = write_results(perplexity_records(), tmp_path, plot=True, objective="perplexity")
+    assert objective_of(results).name == "perplexity" and objective_of(front).mode == "min"
+    assert front["trial_id"].to_pylist() == ["t1", "t2"]
+    ref = reference_point(results)
+    assert ref == pytest.approx((1.1 * 30.0, 1.1 * 210))  # 10% beyond the worst completed perplexity
+    # by hand: t1 owns memory [100, 200) at 33 - 25, t2 owns [200, 231) at 33 - 12
+    by_hand = (200 - 100) * (33.0 - 25.0) + (231 - 200) * (33.0 - 12.0)
+    assert float(front.schema.metadata[b"hypervolume"]) == pytest.approx(by_hand)
+    assert quality_hypervolume([25.0, 12.0], [100, 200], ref, QUALITY["perplexity"]) == pytest.approx(by_hand)
+    assert normalized(by_hand, ref, QUALITY["perplexity"]) == pytest.approx(by_hand / ((33.0 - 1.0) * 231))
+    assert hypervolume_curve(results)[-1][2] == pytest.approx(by_hand)
+    assert uniform_baselines(results) == {"uniform-4": (120, 30.0), "uniform-8": (200, 12.0)}
+    assert (tmp_path / "pareto.png").is_file()
+    # a later write without an objective keeps the file's; a worse perplexity widens the box, never narrows it
+    results, front = write_results([record(5, "completed", [4, 4], 0.5, 90, perplexity=40.0)], tmp_path, plot=False)
+    assert objective_of(results).name == "perplexity" and "t5" in front["trial_id"].to_pylist()
+    assert reference_point(results) == pytest.approx((1.1 * 40.0, 1.1 * 210))
+
+
+def test_a_val_logprob_run_takes_its_reference_below_the_worst_value(tmp_path):
+    recs = [record(0, "completed", [4, 4], 0.5, 100, val_logprob=-2.0), record(1, "completed", [8, 8], 0.5, 200, val_logprob=-1.5)]
+    results, front = write_results(recs, tmp_path, plot=False, objective="val_logprob")
+    assert reference_point(results) == pytest.approx((-2.2, 220.0))
+    assert front["trial_id"].to_pylist() == ["t0", "t1"]
+    assert float(front.schema.metadata[b"hypervolume"]) == pytest.approx((200 - 100) * 0.2 + (220 - 200) * 0.7)
+
+
+def test_the_searcher_is_told_the_objective_and_its_direction(tiny_config):
+    from qpruner.search import objectives
+
+    assert objectives(tiny_config) == (["accuracy", "memory_gb"], ["max", "min"])
+    tiny_config.search.objective = "perplexity"
+    assert objectives(tiny_config) == (["perplexity", "memory_gb"], ["min", "min"])
+    tiny_config.search.objective = "val_logprob"
+    assert objectives(tiny_config) == (["val_logprob", "memory_gb"], ["max", "min"])

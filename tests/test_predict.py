@@ -221,7 +221,14 @@ def model_run(tmp_path_factory, tiny_assets):
 
     tmp = tmp_path_factory.mktemp("model_sampler")
     raw = yaml.safe_load((ROOT / "tune_configs" / "tiny.yaml").read_text())
-    raw["search"].update(sampler="model", num_samples=6, n_init=2, asha={"enabled": False}, baselines=[])
+    # the perplexity objective on a text that is neither the calibration corpus nor the tasks: the fine-tuning
+    # records' responses, as wikitext pages
+    records = [json.loads(line) for line in tiny_assets.alpaca_path.read_text().splitlines() if line.strip()]
+    text = " ".join(r["output"] for r in records)
+    wiki = tmp / "wiki.jsonl"
+    wiki.write_text("".join(json.dumps({"page": text[i * 3000:(i + 1) * 3000]}) + "\n" for i in range(2)))
+    raw["eval"] = {"tasks": ["builtin", "wikitext"], "local_data": {"wikitext": str(wiki)}}
+    raw["search"].update(sampler="model", objective="perplexity", num_samples=6, n_init=2, asha={"enabled": False}, baselines=[])
     raw["finetune"].update(steps=10, report_every=5, val_limit=8)
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
@@ -235,20 +242,33 @@ def model_run(tmp_path_factory, tiny_assets):
 
 
 def test_search_with_the_model_sampler_reports_its_predictor(model_run):
+    """search.sampler: model with search.objective: perplexity (smaller is better), end to end: the front is
+    the perplexity/memory front, the predictor fits -log(perplexity) and reports in perplexity."""
     import pyarrow.parquet as pq
+
+    from qpruner.pareto import pareto_mask
 
     _, out, proc = model_run
     assert "sensitivity table" in proc.stdout
-    results = pq.read_table(out / "results.parquet").to_pylist()
+    table = pq.read_table(out / "results.parquet")
+    assert json.loads(table.schema.metadata[b"objectives"]) == {"perplexity": "min", "memory_bytes": "min"}
+    results = table.to_pylist()
     completed = [r for r in results if r["status"] == "completed"]
     assert len(completed) == 6 and len({tuple(r["bits"]) for r in completed}) == 6
+    assert all(r["perplexity"] == r["ppl_wikitext"] and r["perplexity"] > 1 for r in completed)
+    front = pq.read_table(out / "pareto.parquet").to_pylist()
+    expected = pareto_mask([-r["perplexity"] for r in completed], [r["memory_bytes"] for r in completed])
+    assert sorted(r["trial_id"] for r in front) == sorted(r["trial_id"] for r, on in zip(completed, expected) if on)
     quality = json.loads((out / "performance_model.json").read_text())
+    assert quality["objective"] == "perplexity"
     assert quality["trials"] == 6 and quality["fitted"] and -1 <= quality["loo_spearman"] <= 1
-    front = pq.read_table(out / "predicted_front.parquet").to_pylist()
-    assert front and all(r["predicted_std"] > 0 for r in front)
-    assert [r["memory_bytes"] for r in front] == sorted(r["memory_bytes"] for r in front)
+    predicted = pq.read_table(out / "predicted_front.parquet").to_pylist()
+    assert predicted and all(r["predicted_std"] > 0 and 1 < r["predicted_low"] <= r["predicted"] <= r["predicted_high"]
+                             for r in predicted)
+    assert [r["memory_bytes"] for r in predicted] == sorted(r["memory_bytes"] for r in predicted)
     report = (out / "report.md").read_text()
     assert "## Performance model" in report and "leave-one-out Spearman" in report and "predicted_front.parquet" in report
+    assert "word perplexity (min; search.objective)" in report and "against the measured perplexity" in report
 
 
 def test_predict_command_answers_a_budget_from_the_run(model_run):
@@ -261,7 +281,7 @@ def test_predict_command_answers_a_budget_from_the_run(model_run):
     proc = subprocess.run([sys.executable, "-m", "qpruner", "predict", "--run", str(out), "--max-memory-gb", f"{budget:.9f}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "best under" in proc.stdout and "predicted accuracy" in proc.stdout and "bits per layer" in proc.stdout
+    assert "best under" in proc.stdout and "predicted perplexity" in proc.stdout and "bits per layer" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "qpruner", "predict", "--run", str(out), "--max-memory-gb", "0.000001"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--max-memory-gb" in proc.stderr
