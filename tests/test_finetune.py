@@ -152,6 +152,7 @@ def test_paged_optimizer_needs_cuda(tiny_assets, cfg):
     assert type(auto) is torch.optim.AdamW and auto.defaults["weight_decay"] == 0.0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' paged optimizers need a CUDA GPU")
 def test_paged_adamw_trains_lora_on_cuda(tiny_assets, cfg):
     """On CUDA, `auto` and paged_adamw_32bit are bitsandbytes' PagedAdamW32bit, and it trains the LoRA weights."""

@@ -201,6 +201,7 @@ def test_measured_objective_is_the_fine_tuning_window_plus_paged_optimizer_state
     assert TrainingPeak(torch.device("cpu")).read() is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's CUDA allocator counters")
 def test_training_window_leaves_out_what_happens_outside_it():
     """On CUDA: an allocation while the window is paused (validation) does not count; one inside it does."""
@@ -214,3 +215,20 @@ def test_training_window_leaves_out_what_happens_outside_it():
     window.resume()
     peak = window.read()
     assert inside.numel() <= peak < 512 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured fine-tuning peak needs a CUDA GPU")
+def test_measured_fine_tuning_peak_is_within_ten_percent_of_the_estimate_on_cuda(pruned):
+    """Issue 25, item 2, on CUDA: one real trial of the tiny model; the measured fine-tuning peak (allocator peak over
+    the training steps, plus paged optimizer state) is within 10% of the analytic estimate the search uses off
+    CUDA, so measured and estimated rows of a front are comparable."""
+    from qpruner.trial import run_trial
+
+    cfg, path = pruned
+    cfg = resolved_config({"prune": {"ratio": 0.3}, "quant": {"bits": [4, 8, 16]}, "resources": {"gpu": 1},
+                           "finetune": {"steps": 4, "report_every": 2}})
+    result = run_trial(cfg, str(path), [4, 8, 4, 8, 4, 8])
+    assert result["device"] == "cuda" and result["memory_source"] == "measured" and result["memory_measured"]
+    ratio = result["peak_measured_bytes"] / result["peak_estimate_bytes"]
+    assert 0.9 <= ratio <= 1.1, (ratio, result["peak_measured_bytes"], result["peak_estimate_bytes"], result["memory_measured"])
