@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -166,6 +166,20 @@ def _encode_pair(tokenizer, context: str, continuation: str, max_len: int = 512)
     return whole[-max_len:], min(len(whole) - n_ctx, max_len - 1)
 
 
+def padded_batches(sequences: Sequence[Sequence[int]], pad: int = 0, size: int = 16):
+    """(first index, input ids, attention mask) of right-padded batches of token-id sequences, on the CPU:
+    the one padder of the importance and sensitivity passes."""
+    import torch
+
+    for start in range(0, len(sequences), size):
+        chunk = sequences[start:start + size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(list(seq)), 1
+        yield start, ids, mask
+
+
 def _forward(model, tokenizer, seqs: list[tuple[list[int], int]], picks: list[np.ndarray], next_token: bool = False,
              tokens: Optional[np.ndarray] = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Run (ids, continuation length) sequences, right-padded in batches; one row per picked position.
@@ -182,15 +196,10 @@ def _forward(model, tokenizer, seqs: list[tuple[list[int], int]], picks: list[np
     reads, argmax = [], []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start:start + batch_size]
-            ids = torch.full((len(chunk), max(len(s) for s, _ in chunk)), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, (seq, _) in enumerate(chunk):
-                ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        for start, ids, mask in padded_batches([seq for seq, _ in seqs], pad, batch_size):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
             last = len(out.hidden_states) - 1
-            for row in range(len(chunk)):
+            for row in range(len(ids)):
                 at = torch.as_tensor(picks[start + row], device=device)
                 wanted = ids[row, at.cpu() + 1, None].to(device) if next_token else torch.as_tensor(tokens, device=device).expand(len(at), -1)
                 per_layer = [torch.log_softmax(head(h[row, at] if i == last else norm(h[row, at])).float(), -1).gather(-1, wanted)

@@ -184,16 +184,11 @@ def weight_deltas(model, cfg: Config, choices: Sequence[Choice], model_key: str)
     return out
 
 
-def _batches(sequences: list[list[int]], device, pad: int = 0, size: int = 64):
-    """(input ids, attention mask) right-padded batches of the sequences."""
-    import torch
+def _batches(sequences: list[list[int]], device, size: int = 64):
+    """(input ids, attention mask) right-padded batches of the sequences (qpruner.importance.padded_batches), on `device`."""
+    from qpruner.importance import padded_batches
 
-    for start in range(0, len(sequences), size):
-        chunk = sequences[start:start + size]
-        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(chunk):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    for _, ids, mask in padded_batches(sequences, 0, size):
         yield ids.to(device), mask.to(device)
 
 
