@@ -7,6 +7,14 @@ correlations of the model's predictions with the measured accuracy and validatio
 from the table alone, after refitting on 4, 8 and 16 configurations (20 random draws each, predicting
 the rest), leave-one-out over all 64, and among configurations of equal memory.
 
+`fidelity`: would trials that ASHA stopped help the model if they entered at their fidelity? Only the
+val_logprob objective can say: a stopped trial has no final accuracy, only its validation log-prob at the rung.
+Per draw, 2k configurations start; as ASHA's first rung (step 10 of 40, reduction factor 2) the k best at step
+10 run to the end and the k worst stop there. The model is fitted on (a) the k completed only; (b) plus the k
+stopped at their step-10 value as if final; (c) plus the k stopped shifted by the mean final - step-10 gain of
+the completed ones (a fidelity offset); (d) all 2k as if completed (what full training would buy). Spearman
+against the final val_logprob of the configurations not drawn, 50 draws, k = 4 and 8.
+
     python -m benchmarks.predictor_tiny
 """
 
@@ -47,7 +55,41 @@ def main() -> None:
             out["loo_all"] = loo_spearman(units, idx, y)
             result["objectives"][f"{kind}/{name}"] = {**out, "equal_memory": equal_memory(units, idx, y)}
         result[f"{kind}_per_layer"] = units.score.tolist()
+    units = UnitTable.from_table(table, len(table.kl), "kl")
+    idx = [[units.choices.index((int(b), None)) for b in k.split(",")] for k in keys]
+    rung = [next(c["val_logprob"] for c in rows[k]["curve"] if c["step"] == RUNG_STEP) for k in keys]
+    result["fidelity"] = fidelity(units, idx, objectives["val_logprob"], rung, np.random.default_rng(1))
     write_result("predictor_tiny", result)
+
+
+RUNG_STEP = 10  # tiny.yaml: report_every 10, ASHA grace period 1 report
+
+
+def fidelity(units, idx: list, final: list, rung: list, rng: np.random.Generator, draws: int = 50, sizes=(4, 8)) -> dict:
+    """The `fidelity` study of the module docstring: Spearman (mean ± std over draws) of each way of using the
+    stopped trials."""
+    from qpruner.predict import PerformanceModel, _spearman
+
+    out = {}
+    for k in sizes:
+        rhos = {"completed_only": [], "stopped_raw": [], "stopped_shifted": [], "all_completed": []}
+        for _ in range(draws):
+            started = rng.choice(len(final), 2 * k, replace=False)
+            ranked = sorted(started, key=lambda i: -rung[i])  # ASHA keeps the best half at the rung
+            done, stopped = ranked[:k], ranked[k:]
+            gain = float(np.mean([final[i] - rung[i] for i in done]))
+            rest = [i for i in range(len(final)) if i not in set(started)]
+            fits = {"completed_only": (done, [final[i] for i in done]),
+                    "stopped_raw": (done + stopped, [final[i] for i in done] + [rung[i] for i in stopped]),
+                    "stopped_shifted": (done + stopped, [final[i] for i in done] + [rung[i] + gain for i in stopped]),
+                    "all_completed": (done + stopped, [final[i] for i in done + stopped])}
+            for name, (which, y) in fits.items():
+                model = PerformanceModel(units).fit([idx[i] for i in which], y)
+                rho = _spearman(model.predict([idx[i] for i in rest])[0], [final[i] for i in rest])
+                if rho is not None:
+                    rhos[name].append(rho)
+        out[f"k={k}"] = {name: {"mean": float(np.mean(v)), "std": float(np.std(v)), "draws": len(v)} for name, v in rhos.items()}
+    return out
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ replace most of that with a lightweight performance model; this module is qprune
    coefficients from the posterior, solve the front for that draw, and train the unseen configuration
    of largest hypervolume gain under it, so the model explores where it is unsure.
 
-Deviation: trials that ASHA stopped do not enter the model (their last validation score is not the
-objective at full fidelity); only completed trials do.
+Trials that ASHA stopped enter the sampler's model only when the objective is val_logprob, at their last
+validation plus the completed trials' mean gain from that step (`at_fidelity`): for accuracy and perplexity
+a stopped trial has no value of the objective at any fidelity. The report's model (`run_model`) fits the
+completed trials only (results.parquet keeps no per-step curves).
 
     python -m qpruner.predict --run runs/tiny --max-memory-gb 0.05      # from a finished run
     python -m qpruner.predict --config tune_configs/tiny.yaml --max-memory-gb 0.05 [--train]
@@ -566,7 +568,9 @@ class ModelSampler(_optuna_sampler_base()):
     with any other sampler.
 
     Per trial it fits the model on the study's completed trials (objective = values[0], memory =
-    values[1] in GB), draws the coefficients from the posterior (Thompson sampling: where the model is
+    values[1] in GB) and, when the objective is val_logprob, on the trials ASHA stopped, at their last
+    validation plus the completed trials' mean gain from that step (`at_fidelity`); draws the coefficients
+    from the posterior (Thompson sampling: where the model is
     unsure, draws disagree, and the search goes there), solves that draw's front exactly
     (`pareto_dp`), and proposes the configuration not yet in the study with the largest hypervolume
     gain over the measured front, under `max_memory_gb`. Until MIN_FIT trials completed it walks the
@@ -607,17 +611,15 @@ class ModelSampler(_optuna_sampler_base()):
 
     def propose(self, study) -> Optional[dict]:
         """The next configuration's params, or None when no unseen configuration fits the budget."""
-        from optuna.trial import TrialState
-
-        from qpruner.search import FROM_RECORD, params_key
+        from qpruner.search import params_key
 
         trials = study.get_trials(deepcopy=False)
         seen = {params_key(t.params) for t in trials if t.params}
-        done = [t for t in trials if t.state == TrialState.COMPLETE and FROM_RECORD not in t.user_attrs and t.values]
-        idx = [self.units.index(t.params) for t in done]
-        y = list(to_target(self.objective, [t.values[0] for t in done]))
+        done = _completed(trials)
+        fit_idx, fit_y = self.training_data(trials)
+        idx, y = fit_idx[:len(done)], fit_y[:len(done)]  # the measured points
         mem = [t.values[1] * 1024**3 for t in done]
-        model = PerformanceModel(self.units).fit(idx, y)
+        model = PerformanceModel(self.units).fit(fit_idx, fit_y)
         offset = memory_offset(self.units, idx, mem)
         const, per = model.unit_values(model.sample_weights(self._rng)) if model.fitted else (0.0, -self.units.score)
         front = [(offset + c, v, path) for c, v, path in pareto_dp(per, self.units.cost)]
@@ -630,6 +632,25 @@ class ModelSampler(_optuna_sampler_base()):
             return self.units.params(fresh[int(self._rng.integers(len(fresh)))][2])
         gains = [hypervolume_gain(y, mem, const + v, m) for m, v, _ in fresh]
         return self.units.params(fresh[int(np.argmax(gains))][2])
+
+    def training_data(self, trials) -> tuple[list[list[int]], list[float]]:
+        """(choice indices, targets) the model is fitted on: the completed trials first (not repeats answered from
+        the record), then, for the val_logprob objective, the ASHA-stopped ones at their fidelity (`at_fidelity`)."""
+        from optuna.trial import TrialState
+
+        from qpruner.search import CURVE_ATTR, FROM_RECORD
+
+        done = _completed(trials)
+        idx = [self.units.index(t.params) for t in done]
+        y = [float(v) for v in to_target(self.objective, [t.values[0] for t in done])]
+        if self.objective != "val_logprob":
+            return idx, y
+        stopped = [t for t in trials if t.state == TrialState.PRUNED and FROM_RECORD not in t.user_attrs
+                   and t.user_attrs.get(CURVE_ATTR) and t.params]
+        shifted = at_fidelity([(t.user_attrs.get(CURVE_ATTR, []), t.values[0]) for t in done],
+                              [t.user_attrs[CURVE_ATTR] for t in stopped])
+        kept = [(t, v) for t, v in zip(stopped, shifted) if v is not None]
+        return idx + [self.units.index(t.params) for t, _ in kept], y + [v for _, v in kept]
 
     def _fits(self, memory_bytes: float) -> bool:
         return self._max_memory_gb is None or memory_bytes / 1024**3 <= self._max_memory_gb
@@ -648,6 +669,35 @@ class ModelSampler(_optuna_sampler_base()):
                 keys.add(key)
                 out.append((memory, float(per[np.arange(n_units), idx].sum()), idx))
         return out
+
+
+def _completed(trials) -> list:
+    """The study's completed trials, less repeats answered from the record (they would count a measurement twice)."""
+    from optuna.trial import TrialState
+
+    from qpruner.search import FROM_RECORD
+
+    return [t for t in trials if t.state == TrialState.COMPLETE and FROM_RECORD not in t.user_attrs and t.values]
+
+
+def at_fidelity(completed: Sequence[tuple[Sequence, float]], stopped: Sequence[Sequence]) -> list[Optional[float]]:
+    """Stopped trials' estimated final validation log-prob: each one's last report plus the mean gain from that
+    report step to the end among completed trials (`completed`: (curve, final value); a curve is [[step, value],
+    ...]) that reported at the same step; None where none did.
+
+    Measured on the tiny table (benchmarks/predictor_tiny.py, `fidelity`): with 4 completed and 4 stopped trials
+    at ASHA's first rung, the model's Spearman on the unseen configurations is 0.17 ± 0.76 from the completed
+    ones alone, 0.95 ± 0.05 with the stopped ones as if final, 0.98 ± 0.02 shifted like this (0.98 ± 0.01 had all 8
+    been trained)."""
+    gains: dict[int, list[float]] = {}
+    for curve, final in completed:
+        for step, value in curve:
+            gains.setdefault(int(step), []).append(float(final) - float(value))
+    out: list[Optional[float]] = []
+    for curve in stopped:
+        step, value = curve[-1]
+        out.append(float(value) + float(np.mean(gains[int(step)])) if gains.get(int(step)) else None)
+    return out
 
 
 def hypervolume_gain(y: Sequence[float], mem: Sequence[float], y_new: float, mem_new: float) -> float:

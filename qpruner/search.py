@@ -181,6 +181,7 @@ def check_memory_budget(cfg: Config, pruned_config: dict) -> None:
 
 
 FROM_RECORD = "answered_from_record"  # Optuna user attribute of a repeat proposal answered from the record
+CURVE_ATTR = "val_logprob_curve"  # Optuna user attribute: [[step, val_logprob], ...] of the trial's progress reports
 
 
 class RecordedOptunaSearch(_optuna_search_class()):
@@ -244,6 +245,16 @@ class RecordedOptunaSearch(_optuna_search_class()):
             del self._ot_trials[trial_id]
             self._write_record()
         return None
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        """Keep each progress report's validation log-prob on the Optuna trial (CURVE_ATTR): Optuna takes no
+        intermediate values in a multi-objective study, and the model sampler enters ASHA-stopped trials at
+        their fidelity from it (qpruner.predict.at_fidelity)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result.get("val_logprob") is not None and not result.get("final"):
+            curve = list(ot_trial.user_attrs.get(CURVE_ATTR, [])) + [[int(result.get("step") or 0), float(result["val_logprob"])]]
+            ot_trial.set_user_attr(CURVE_ATTR, curve)
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
         if trial_id in self._completed_trials:  # a killed trial retried by a resumed run: Optuna was told already

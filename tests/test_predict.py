@@ -309,3 +309,43 @@ def test_grouped_units_sum_their_layers():
     assert units.cost.tolist() == [[30.0, 60.0], [20.0, 40.0]]
     assert units.params([1, 0]) == {"b0": 8, "b1": 4} and units.index({"b0": 8, "b1": 4}) == [1, 0]
     assert units.memory_bytes([1, 0]) == 7 + 60 + 20
+
+
+def test_stopped_trials_enter_at_their_fidelity():
+    from qpruner.predict import at_fidelity
+
+    completed = [([[10, -2.0], [20, -1.5]], -1.2), ([[10, -3.0], [20, -2.0]], -1.8)]  # gains from step 10: 0.8, 1.2
+    assert at_fidelity(completed, [[[10, -2.5]], [[10, -2.6], [20, -2.1]], [[30, -1.0]]]) == \
+        pytest.approx([-2.5 + 1.0, -2.1 + 0.25, None])  # from step 20: 0.3, 0.2; nobody reported at step 30
+
+
+def test_the_searcher_keeps_progress_and_the_model_sampler_learns_from_stopped_trials(tiny_config):
+    """Ray's OptunaSearch drops progress reports in a multi-objective study; RecordedOptunaSearch keeps the
+    validation curve on the Optuna trial, and with search.objective: val_logprob the model sampler fits an
+    ASHA-stopped trial at its last report plus the completed trials' gain from that step. With accuracy it
+    does not (a stopped trial has no accuracy at any fidelity)."""
+    from qpruner.search import CURVE_ATTR, config_from_bits, make_searcher, param_space
+
+    units, _ = synthetic_units(2)
+    for objective, expect_stopped in (("val_logprob", True), ("accuracy", False)):
+        cfg = tiny_config
+        cfg.search.sampler, cfg.search.objective, cfg.search.concurrency = "model", objective, 4
+        sampler = ModelSampler(units, seed=0, objective=objective)
+        first = [config_from_bits(b) for b in ([4, 4], [8, 8], [4, 8])]
+        searcher = make_searcher(cfg, 2, first, model_sampler=sampler)
+        assert searcher.set_search_properties(None, None, param_space(2, [4, 8]))
+        for name in ("a", "b", "c"):
+            assert searcher.suggest(name)
+        for name, start in (("a", -3.0), ("b", -2.0), ("c", -4.0)):
+            searcher.on_trial_result(name, {"step": 10, "val_logprob": start, "accuracy": None, "memory_gb": 0.1, "final": False})
+        final = {"a": -2.5, "b": -1.0}  # gains 0.5 and 1.0 from step 10
+        for name, value in final.items():
+            searcher.on_trial_complete(name, {"val_logprob": value, "accuracy": 0.5, "memory_gb": 0.1, "final": True})
+        searcher.on_trial_complete("c", {"val_logprob": -4.0, "accuracy": None, "memory_gb": 0.1, "final": False})  # ASHA
+        study = searcher.searcher._ot_study
+        assert all(t.user_attrs[CURVE_ATTR][0] == [10, t.user_attrs[CURVE_ATTR][0][1]] for t in study.trials)
+        idx, y = sampler.training_data(study.get_trials(deepcopy=False))
+        if expect_stopped:
+            assert y == pytest.approx([-2.5, -1.0, -4.0 + 0.75]) and idx[2] == units.index({"b0": 4, "b1": 8})
+        else:
+            assert y == pytest.approx([0.5, 0.5])
