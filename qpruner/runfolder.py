@@ -292,6 +292,14 @@ def recorded_layers(run: Path) -> Optional[int]:
         return None
 
 
+def recorded_objective(run: Path) -> Optional[str]:
+    """The run's search.objective, from the config run.json holds (None when it holds none: accuracy then)."""
+    try:
+        return ((read_json(run / RUN).get("config") or {}).get("search") or {}).get("objective")
+    except (QPrunerError, AttributeError):
+        return None
+
+
 def tune_trials(run: Path) -> list:
     """The Tune trials of the run's experiment state (no Ray cluster needed)."""
     if not can_rebuild(run):
@@ -319,7 +327,7 @@ def rebuild_results(run: Path, n_layers: Optional[int] = None) -> int:
     if (run / RESULTS).is_file():
         _set_aside(run / RESULTS)
     if records:
-        write_results(records, run, plot=False)
+        write_results(records, run, plot=False, objective=recorded_objective(run))
     return len(records)
 
 

@@ -4,6 +4,7 @@ schema, Parquet round trips, atomic writes and the run's fixed reference point."
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import signal
@@ -450,3 +451,12 @@ def test_the_searcher_is_told_the_objective_and_its_direction(tiny_config):
     assert objectives(tiny_config) == (["perplexity", "memory_gb"], ["min", "min"])
     tiny_config.search.objective = "val_logprob"
     assert objectives(tiny_config) == (["val_logprob", "memory_gb"], ["max", "min"])
+
+
+def test_a_rebuilt_results_file_keeps_the_run_objective(tmp_path):
+    """report --repair rebuilds results.parquet from Tune's state; the objective comes from run.json's config."""
+    from qpruner.runfolder import recorded_objective
+
+    assert recorded_objective(tmp_path) is None  # no run.json: accuracy
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"search": {"objective": "perplexity"}}}))
+    assert recorded_objective(tmp_path) == "perplexity"
