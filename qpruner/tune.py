@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 from ray.tune import Callback
 
 from qpruner.config import Config
-from qpruner.errors import QPrunerError, ray_get
+from qpruner.errors import ConfigError, QPrunerError, ray_get
 from qpruner.plan import RunPlan, check_storage, make_plan, whole_gpu
 from qpruner.results import (
     ADAPTERS,
@@ -197,8 +197,12 @@ def tolerate_worker_kills() -> None:
 
 def run_key(cfg: Config) -> str:
     """What identifies a run: everything in the recipe except where its files go."""
-    data = cfg.to_dict()
-    data.pop("output", None)
+    return config_key(cfg.to_dict())
+
+
+def config_key(config: dict) -> str:
+    """run_key of a config dict."""
+    data = {k: v for k, v in config.items() if k != "output"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,6 +226,10 @@ def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool
                 f"with {repair_hint(out)}, or pass --overwrite to start again"
             )
         recorded = read_json(marker) if marker.is_file() and RUN not in damaged else {}
+        if isinstance(recorded.get("config"), dict):  # a run of an earlier version: fields added since at their defaults
+            recorded["config"] = with_defaults(recorded["config"])
+            if config_key(recorded["config"]) == config_key(with_defaults(cfg.to_dict())):  # both parsed alike
+                recorded["run_key"] = run_key(cfg)
         if recorded.get("run_key") != run_key(cfg):
             if isinstance(recorded.get("config"), dict):
                 refuse_changed(out, differing_keys(recorded["config"], cfg.to_dict()))
@@ -244,6 +252,17 @@ def check_out_dir(out: Path, cfg: Config, resume: bool, overwrite: bool) -> bool
     if user_entries(out) and not overwrite:
         raise QPrunerError(f"--out {out} is not empty and holds no qpruner run; pass --overwrite or another --out")
     return False
+
+
+def with_defaults(config: dict) -> dict:
+    """A recorded config with every field a later version added at its default (the behaviour the run had);
+    as recorded when it no longer parses."""
+    from qpruner.config import config_from_dict
+
+    try:
+        return config_from_dict(config).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return config
 
 
 def refuse_changed(out: Path, changed: list[str]) -> None:
@@ -275,7 +294,7 @@ def check_recorded_config(out: Path, plan: RunPlan) -> None:
     except (OSError, ValueError, yaml.YAMLError):
         return
     if isinstance(previous, dict):
-        refuse_changed(out, differing_keys(previous, plan.config))
+        refuse_changed(out, differing_keys(with_defaults(previous), plan.config))
 
 
 def init_out_dir(out: Path, cfg: Config, resolved: Config, overwrite: bool) -> None:

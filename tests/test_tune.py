@@ -234,3 +234,18 @@ def test_memory_objective_weights_and_a_nonpositive_budget():
     assert resolved_config({"search": {"memory_objective": "weights"}}).search.memory_objective == "weights"
     with pytest.raises(ConfigError, match="search.max_memory_gb"):
         resolved_config({"search": {"max_memory_gb": 0}})
+
+
+def test_a_run_of_an_earlier_version_continues_when_only_new_fields_are_missing(tmp_path, tiny_config):
+    """run.json of a version before a config field existed (here search.objective) records the behaviour of the
+    field's default: the run is the same run, not "a different run's results"; a real change is still refused."""
+    from qpruner.errors import QPrunerError
+    from qpruner.tune import check_out_dir
+
+    old = tiny_config.to_dict()
+    del old["search"]["objective"]
+    (tmp_path / "run.json").write_text(json.dumps({"run_key": "0123456789abcdef", "created": 0.0, "config": old}))
+    assert check_out_dir(tmp_path, tiny_config, resume=False, overwrite=False) is False  # same run; no Tune state yet
+    tiny_config.search.objective = "perplexity"
+    with pytest.raises(QPrunerError, match="search.objective"):
+        check_out_dir(tmp_path, tiny_config, resume=True, overwrite=False)
