@@ -28,11 +28,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, write_result
 
-OBJECTIVES = {  # name: (what the model predicts, higher is better)
-    "perplexity": lambda c: -float(np.log(c["wikitext2_ppl"])),
-    "val_logprob": lambda c: float(c["val_logprob"]),
-    "accuracy": lambda c: float(c["mean"]),
-}
+OBJECTIVES = {"perplexity": "wikitext2_ppl", "val_logprob": "val_logprob", "accuracy": "mean"}  # search.objective: the cell's column
 
 
 def measured_cells() -> tuple[dict, dict]:
@@ -98,7 +94,7 @@ def equal_memory(units, idx: list, y: list) -> dict:
 
 
 def main() -> None:
-    from qpruner.predict import UnitTable
+    from qpruner.predict import UnitTable, to_target
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -127,8 +123,8 @@ def main() -> None:
     for kind in ("kl", "fisher"):
         units = UnitTable.from_table(table, 5, kind)
         idx = [[units.choices.index((int(b), None)) for b in name.split("-")] for name in names]
-        for objective, value in OBJECTIVES.items():
-            y = [value(cells[n]) for n in names]
+        for objective, column in OBJECTIVES.items():
+            y = [float(v) for v in to_target(objective, [cells[n][column] for n in names])]  # what the sampler fits
             result["objectives"][f"{kind}/{objective}"] = {**correlations(units, idx, y, rng), "equal_memory": equal_memory(units, idx, y)}
         result[f"{kind}_per_group"] = units.score.tolist()
     write_result("predictor_smollm2", result)
