@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -340,6 +340,38 @@ class SearchConfig:
                 raise ConfigError(f"{path}.ranks", "must be null or a list of positive LoRA ranks, e.g. [4, 8, 16]")
 
 
+# The quality objectives search.objective names: the results column and Tune metric of each, its direction, its
+# label, and its best possible value. qpruner.search, .results, .pareto, .report, .export and .predict read them here.
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The search's quality objective beside memory: a results column and the Tune metric of the same name,
+    its direction, how plots and reports name it, and the best value it can take (the far side of the
+    hypervolume's normalising box)."""
+
+    name: str
+    mode: str  # "max" or "min"
+    label: str
+    ideal: float
+
+    def oriented(self, values):
+        """Values turned so that higher is better (the front and hypervolume code maximises): a numpy array."""
+        import numpy as np
+
+        return np.asarray(values, dtype=float) * (1.0 if self.mode == "max" else -1.0)
+
+    def best(self, rows: Sequence[dict]) -> Optional[dict]:
+        """The row with the best value of this objective (None when no row has one)."""
+        scored = [r for r in rows if r.get(self.name) is not None]
+        return max(scored, key=lambda r: float(self.oriented(r[self.name]))) if scored else None
+
+
+QUALITY = {
+    "accuracy": Objective("accuracy", "max", "accuracy (mean over tasks)", 1.0),
+    "val_logprob": Objective("val_logprob", "max", "validation log-prob of the gold answer (after fine-tuning)", 0.0),
+    "perplexity": Objective("perplexity", "min", "word perplexity", 1.0),
+}
 @dataclass
 class ResourcesConfig:
     """What one trial gets: CPUs and a (fractional) GPU; `gpu: auto` uses a GPU only where one exists."""

@@ -27,7 +27,8 @@ from qpruner.errors import QPrunerError
 def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = None) -> dict:
     """The results row of `trial`; or the completed trial best on accuracy (`best-acc`), on the run's own
     search.objective (`best`), or on the run's objective under a memory cap (`max-mem=GB`)."""
-    from qpruner.results import QUALITY, objective_of
+    from qpruner.config import QUALITY
+    from qpruner.results import objective_of
     from qpruner.runfolder import read_results
 
     if trial and pick:

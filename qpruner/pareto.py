@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qpruner.config import QUALITY, Objective
 from qpruner.results import (
     GB,
-    QUALITY,
-    Objective,
     accuracy_text,
     merge_previous,
     objective_of,

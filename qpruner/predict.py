@@ -523,7 +523,7 @@ def to_target(objective: str, values) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     if objective == "perplexity":
         return -np.log(values)
-    from qpruner.results import QUALITY
+    from qpruner.config import QUALITY
 
     return QUALITY[objective].oriented(values)
 
@@ -533,7 +533,7 @@ def from_target(objective: str, target) -> np.ndarray:
     target = np.asarray(target, dtype=float)
     if objective == "perplexity":
         return np.exp(-target)
-    from qpruner.results import QUALITY
+    from qpruner.config import QUALITY
 
     return QUALITY[objective].oriented(target)
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import pyarrow as pa
 
 from qpruner.baselines import load as load_baselines
+from qpruner.config import QUALITY, Objective
 from qpruner.pareto import (
     compact_bits,
     completed,
@@ -24,7 +25,7 @@ from qpruner.pareto import (
     uniform_baselines,
 )
 from qpruner.predict import quality_lines, write_predictions
-from qpruner.results import GB, QUALITY, Objective, accuracy_text, column_label, metric_columns, noise_text, objective_of
+from qpruner.results import GB, accuracy_text, column_label, metric_columns, noise_text, objective_of
 from qpruner.runfolder import check_run_dir
 
 BIT_COLOURS = {4: "#c6dbef", 8: "#4292c6", 16: "#08306b"}  # fixed, so heatmaps of different runs read alike

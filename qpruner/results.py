@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from qpruner.config import QUALITY, Objective
 from qpruner.errors import out_of_memory
 
 RESULTS = "results.parquet"
@@ -165,35 +165,9 @@ def noise_text(a: dict, b: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The quality objective (search.objective): which column the front, the hypervolume and the searcher read.
+# The quality objective (search.objective, qpruner.config.QUALITY): which column the front and hypervolume read.
 
 
-@dataclass(frozen=True)
-class Objective:
-    """The search's quality objective beside memory: a results column and the Tune metric of the same name,
-    its direction, how plots and reports name it, and the best value it can take (the far side of the
-    hypervolume's normalising box)."""
-
-    name: str
-    mode: str  # "max" or "min"
-    label: str
-    ideal: float
-
-    def oriented(self, values) -> np.ndarray:
-        """Values turned so that higher is better (the front and hypervolume code maximises)."""
-        return np.asarray(values, dtype=float) * (1.0 if self.mode == "max" else -1.0)
-
-    def best(self, rows: Sequence[dict]) -> Optional[dict]:
-        """The row with the best value of this objective (None when no row has one)."""
-        scored = [r for r in rows if r.get(self.name) is not None]
-        return max(scored, key=lambda r: float(self.oriented(r[self.name]))) if scored else None
-
-
-QUALITY = {
-    "accuracy": Objective("accuracy", "max", "accuracy (mean over tasks)", 1.0),
-    "val_logprob": Objective("val_logprob", "max", "validation log-prob of the gold answer (after fine-tuning)", 0.0),
-    "perplexity": Objective("perplexity", "min", "word perplexity", 1.0),
-}
 MEMORY_OBJECTIVE = ("memory_bytes", "min")
 
 

@@ -22,7 +22,7 @@ from qpruner.errors import ConfigError
 
 def objectives(cfg: Config) -> tuple[list[str], list[str]]:
     """The searcher's (metrics, modes): search.objective's Tune metric and direction, then memory_gb (min)."""
-    from qpruner.results import QUALITY
+    from qpruner.config import QUALITY
 
     quality = QUALITY[cfg.search.objective]
     return [quality.name, "memory_gb"], [quality.mode, "min"]

@@ -413,8 +413,9 @@ def perplexity_records() -> list[dict]:
 
 
 def test_a_perplexity_run_has_its_front_hypervolume_and_reference_on_perplexity(tmp_path):
+    from qpruner.config import QUALITY
     from qpruner.pareto import normalized, quality_hypervolume
-    from qpruner.results import QUALITY, objective_of
+    from qpruner.results import objective_of
 
     results, front = write_results(perplexity_records(), tmp_path, plot=True, objective="perplexity")
     assert objective_of(results).name == "perplexity" and objective_of(front).mode == "min"
