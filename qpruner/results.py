@@ -261,6 +261,7 @@ def baseline_record(name: str, label: str, bits: list[int], accuracy: float, sco
     return {"trial_id": f"baseline:{name}", "label": label, "bits": bits, "accuracy": accuracy,
             "accuracy_stderr": scores.get("accuracy_stderr"),
             "perplexity": objective_perplexity(scores.get("task_ppl") or {}, tasks),
+            "val_logprob": scores.get("val_logprob"),  # a trained baseline's (uniform-16); zero-shot rows have none
             "memory_bytes": memory_bytes, "weight_bytes": weight_bytes, **columns}
 
 
