@@ -130,12 +130,53 @@ def sensitivity_units(raw: dict) -> tuple[object, dict]:
     return UnitTable.from_table(sens, len(sens.kl), cfg.search.sensitivity), cost
 
 
+def tune_search(trainable, cfg, n_units: int, configs: list[dict], trials: int, storage: Path, name: str, asha: bool,
+                model_sampler=None):
+    """One real Ray Tune search as qpruner.tune.build_tuner builds it (make_searcher over param_space, ASHA on
+    val_logprob with the recipe's grace period, reduction factor and asha_max_t), over a replay trainable; the
+    ResultGrid. Shared with benchmarks.search_replay_smollm2."""
+    from ray import tune
+
+    from qpruner.search import make_searcher, param_space
+    from qpruner.tune import asha_max_t
+
+    scheduler = None
+    if asha:  # as the search runs it: no rung at or after the last training step, survivors run to the end
+        scheduler = tune.schedulers.ASHAScheduler(metric="val_logprob", mode="max", time_attr="training_iteration",
+                                                  max_t=asha_max_t(cfg), grace_period=cfg.search.asha.grace_period,
+                                                  reduction_factor=cfg.search.asha.reduction_factor, stop_last_trials=False)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(n_units, cfg.quant.bits),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n_units, configs, model_sampler=model_sampler),
+                                    scheduler=scheduler, num_samples=trials),
+        run_config=tune.RunConfig(storage_path=str(storage), name=name, verbose=0),
+    )
+    return tuner.fit()
+
+
+def creation_index(result) -> int:
+    """A Tune trial's place in the order the searcher proposed it. With a search algorithm Tune's trial ids are
+    random hex (SearchGenerator: Trial.generate_id), so sorting by id shuffles the trials; the experiment tag
+    "<counter>_<params>" carries the counter (in every result, and in the trial folder's name
+    "<trainable>_<id>_<counter>_..." for a trial that errored before reporting)."""
+    import re
+
+    tag = (result.metrics or {}).get("experiment_tag")
+    if tag:
+        return int(str(tag).split("_", 1)[0])
+    found = re.search(r"_[0-9a-f]{8}_(\d+)_", Path(result.path).name)
+    if found is None:
+        raise ValueError(f"no trial counter in {result.path}")
+    return int(found.group(1))
+
+
 def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storage: Path, units=None) -> list[dict]:
-    """One real Tune + Optuna search over the recorded table; the trials in creation order."""
+    """One real Tune + Optuna search over the recorded table; the trials in creation order (creation_index)."""
     from ray import tune
 
     from qpruner.plan import resolved_config
-    from qpruner.search import bits_from_config, config_from_bits, initial_configs, make_searcher, param_space, random_configs
+    from qpruner.search import bits_from_config, config_from_bits, initial_configs, random_configs
 
     sampler_name, init, n_init = ARMS[arm]
     sampler = None  # the model sampler's instance (the others are built by make_searcher from their name)
@@ -154,30 +195,16 @@ def search_arm(table: dict, arm: str, asha: bool, seed: int, trials: int, storag
         sampler = ModelSampler(units, seed=seed, max_memory_gb=cfg.search.max_memory_gb)
     else:
         points = []
-    scheduler = None
-    if asha:
-        from qpruner.tune import asha_max_t
-
-        # as the search runs it: no rung at or after the last training step, survivors run to the end
-        scheduler = tune.schedulers.ASHAScheduler(metric="val_logprob", mode="max", time_attr="training_iteration",
-                                                  max_t=asha_max_t(cfg), grace_period=cfg.search.asha.grace_period,
-                                                  reduction_factor=cfg.search.asha.reduction_factor, stop_last_trials=False)
-    tuner = tune.Tuner(
-        tune.with_parameters(replay, table=table),
-        param_space=param_space(n, cfg.quant.bits),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, n, [config_from_bits(b) for b in points], model_sampler=sampler),
-                                    scheduler=scheduler, num_samples=trials),
-        run_config=tune.RunConfig(storage_path=str(storage), name=f"{arm}-{asha}-{seed}".replace(" ", "_").replace("+", "_"),
-                                  verbose=0),
-    )
-    grid = tuner.fit()
+    name = f"{arm}-{asha}-{seed}".replace(" ", "_").replace("+", "_")
+    grid = tune_search(tune.with_parameters(replay, table=table), cfg, n, [config_from_bits(b) for b in points], trials,
+                       storage, name, asha, model_sampler=sampler)
     out = []
     for result in grid:
         m = result.metrics
         out.append({"trial_id": m["trial_id"], "bits": bits_from_config(result.config, n), "final": bool(m.get("final")),
                     "accuracy": m["accuracy"], "memory_bytes": int(m["memory_gb"] * 1024**3), "seconds": m["seconds"],
-                    "steps": m["step"]})
-    return sorted(out, key=lambda r: r["trial_id"])
+                    "steps": m["step"], "order": creation_index(result)})
+    return [{k: v for k, v in r.items() if k != "order"} for r in sorted(out, key=lambda r: r["order"])]
 
 
 def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
@@ -200,18 +227,21 @@ def default_run_fronts(table: dict, seeds: int, storage: Path) -> dict:
     return {"runs": out, "min_front": min(r["front"] for r in out), "settings": tiny_recipe()["search"]}
 
 
-def hv_curve(trials: list[dict], ref: tuple[float, float], overhead_s: float = 0.0) -> list[tuple[int, float, float]]:
+def hv_curve(trials: list[dict], ref: tuple[float, float], overhead_s: float = 0.0, value: str = "accuracy",
+             seconds: str = "seconds") -> list[tuple[int, float, float]]:
     """(trials done, trial compute seconds so far, hypervolume of the completed ones) after each trial;
-    `overhead_s` is compute spent before the first trial (the model sampler's sensitivity table)."""
+    `overhead_s` is compute spent before the first trial (the model sampler's sensitivity table). Each trial
+    gives its objective under `value` (higher is better), its memory under "memory_bytes" (in the reference
+    point's unit) and its compute under `seconds`."""
     from qpruner.pareto import hypervolume
 
-    curve, seconds, acc, mem = [], overhead_s, [], []
+    curve, spent, acc, mem = [], overhead_s, [], []
     for i, t in enumerate(trials, 1):
-        seconds += t["seconds"]
+        spent += t[seconds]
         if t["final"]:
-            acc.append(t["accuracy"])
+            acc.append(t[value])
             mem.append(t["memory_bytes"])
-        curve.append((i, seconds, hypervolume(acc, mem, *ref)))
+        curve.append((i, spent, hypervolume(acc, mem, *ref)))
     return curve
 
 
