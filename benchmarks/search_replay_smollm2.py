@@ -38,9 +38,6 @@ run writes nothing into benchmarks/results (set QPRUNER_BENCH_RESULTS).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import io
 import itertools
 import json
 import os
@@ -49,7 +46,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
@@ -195,12 +191,6 @@ def sensitivity(cfg, pruned_path: Path, key: str):
 # One search
 
 
-def knows_objective() -> bool:
-    from qpruner.config import SearchConfig
-
-    return "objective" in {f.name for f in dataclasses.fields(SearchConfig)}
-
-
 def arm_config(study, arm: str, seed: int, objective: str):
     """tune_configs/smollm2_prune20.yaml (with the table's documents and settings) for this arm: 5 layer groups,
     bits {4, 8}, the arm's sampler, first points and seed, and the objective."""
@@ -208,43 +198,35 @@ def arm_config(study, arm: str, seed: int, objective: str):
 
     sampler, init, n_init = ARMS[arm]
     search = {"layer_groups": GROUPS, "sampler": sampler, "seed": seed, "n_init": n_init,
-              "init": "random" if init == "random" else "importance"}
-    if knows_objective():
-        search["objective"] = objective
+              "init": "random" if init == "random" else "importance", "objective": objective}
     return resolved_config(study.raw(quant={"bits": list(BITS)}, search=search))
 
 
-def first_points(cfg, arm: str, pruned_path: Path, importance: list[float], sens_json: dict, out: Path):
-    """The arm's first configurations and (model arm) its unit table, from qpruner.tune.first_configs itself, with
-    its two expensive Ray tasks answered from what this study already holds (the importance, the sensitivity table)."""
-    from qpruner.plan import RunPlan
-    from qpruner.tune import first_configs
+def first_points(cfg, arm: str, pruned_path: Path, importance: list[float], sens_json: dict):
+    """The arm's first configurations and (model arm) its unit table, as qpruner.tune.first_configs makes them
+    from its two measurements, here the ones this study already holds (the importance, the sensitivity table):
+    qpruner.search.importance_configs, random_configs, or the table's own front (qpruner.predict.first_points)."""
+    from qpruner.predict import SensitivityTable, UnitTable
+    from qpruner.predict import first_points as table_front
+    from qpruner.search import config_from_bits, importance_configs, random_configs
 
-    if ARMS[arm][1] == "none":
+    init = ARMS[arm][1]
+    if init == "none":
         return [], None
-    out.mkdir(parents=True, exist_ok=True)  # first_configs keeps the model arm's table there, as a run does
-    plan = RunPlan(config=cfg.to_dict(), tasks=None, out=str(out), resources={"cpu": 1, "gpu": 0}).with_pruned(pruned_path)
-
-    def known_importance(plan):
-        return list(importance)
-
-    def known_table(plan):
-        return sens_json
-
-    with mock.patch("qpruner.importance.importance_task", known_importance), \
-            mock.patch("qpruner.predict.sensitivity_task", known_table), contextlib.redirect_stdout(io.StringIO()):
-        points, _, units = first_configs(plan)
-    return points, units
+    if init == "random":
+        return [config_from_bits(b) for b in random_configs(GROUPS, cfg.quant.bits, cfg.search.n_init, cfg.search.seed)], None
+    pruned_config = json.loads((Path(pruned_path) / "config.json").read_text())
+    if init == "table":
+        units = UnitTable.from_table(SensitivityTable.from_json(sens_json), GROUPS, cfg.search.sensitivity)
+        return table_front(units, cfg.search.n_init, cfg.search.anchors), units
+    return importance_configs(cfg, pruned_config, importance), None
 
 
 def model_sampler(cfg, units):
     """qpruner.predict.ModelSampler as qpruner.tune.build_tuner builds it."""
-    import inspect
-
     from qpruner.predict import ModelSampler
 
-    extra = {"objective": cfg.search.objective} if "objective" in inspect.signature(ModelSampler).parameters else {}
-    return ModelSampler(units, seed=cfg.search.seed, max_memory_gb=cfg.search.max_memory_gb, **extra)
+    return ModelSampler(units, seed=cfg.search.seed, max_memory_gb=cfg.search.max_memory_gb, objective=cfg.search.objective)
 
 
 def run_arm(ctx: dict, arm: str, asha: bool, seed: int, objective: str, trials: int, storage: Path) -> list[dict]:
@@ -254,8 +236,7 @@ def run_arm(ctx: dict, arm: str, asha: bool, seed: int, objective: str, trials: 
     from qpruner.search import bits_from_config
 
     cfg = arm_config(ctx["study"], arm, seed, objective)
-    points, units = first_points(cfg, arm, ctx["pruned_path"], ctx["importance"], ctx["sens_json"],
-                                 storage / f"plan-{arm}-{seed}".replace(" ", "_").replace("+", "_"))
+    points, units = first_points(cfg, arm, ctx["pruned_path"], ctx["importance"], ctx["sens_json"])
     sampler = model_sampler(cfg, units) if units is not None else None
     trainable = tune.with_parameters(replay, cells=ctx["cells"], by_bits=ctx["by_bits"], n_layers=ctx["n_layers"],
                                      steps=ctx["steps"])
@@ -444,8 +425,6 @@ def main() -> None:
         refuse("a partial replay is a smoke test and writes nothing into benchmarks/results: set QPRUNER_BENCH_RESULTS=/tmp/...")
     if not cells:
         refuse(f"{args.table} holds no configuration yet")
-    if not knows_objective() and objectives != ["accuracy"]:
-        refuse("this qpruner has no search.objective (the searcher optimises accuracy only): use --objectives accuracy")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -551,7 +530,6 @@ def main() -> None:
         "objective_values": {"accuracy": "the cell's mean of the 7 tasks' paper metric (100 documents each)",
                              "perplexity": "the cell's WikiText-2 token perplexity over 40 x 512-token windows (not lm-eval's "
                                            "word perplexity, which the product's objective reads in a real run)"},
-        "searcher_objective_setting": "search.objective" if knows_objective() else "absent in this qpruner: accuracy only",
         "settings": {"trials_per_search": args.trials, "seeds": args.seeds, "arms": {a: dict(zip(("sampler", "init", "n_init"), ARMS[a]))
                                                                                      for a in arms},
                      "recipe": "tune_configs/smollm2_prune20.yaml + the table's documents (benchmarks.smollm2_study)",

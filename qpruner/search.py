@@ -314,6 +314,27 @@ class RecordedOptunaSearch(_optuna_search_class()):
 # First configurations.
 
 
+def importance_configs(cfg: Config, pruned_config: dict, importance: Sequence[float]) -> list[dict]:
+    """The first Tune configs of `search.init: importance` from the measured per-layer importance: the anchors
+    and `search.n_init` bit vectors (initial_configs), with per-unit ranks drawn the same way when ranks are
+    searched (anchors keep lora.rank). With `search.layer_groups` a group's importance is its layers' mean
+    and its memory their sum; memory comes from the pruned layers' shapes (`pruned_config`: its config.json)."""
+    from qpruner.memory import shapes_from_config, weight_bytes
+
+    search, n_layers = cfg.search, len(pruned_config["qpruner_layers"])
+    unit_importance = [float(sum(importance[i] for i in g) / len(g)) for g in layer_groups(n_layers, search_units(cfg, n_layers))]
+    shapes = shapes_from_config(pruned_config)
+    bits = initial_configs(unit_importance, cfg.quant.bits, search.n_init, search.temperature, search.seed,
+                           anchors=search.anchors,  # pruned layers differ in size: memory from their shapes
+                           weight_fn=lambda b: weight_bytes(shapes, expand(b, n_layers), cfg.quant)["total"])
+    ranks = [None] * len(bits)
+    if search.ranks:
+        n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0
+        ranks = ranks[:n_anchors] + initial_ranks(unit_importance, search.ranks, len(bits) - n_anchors,
+                                                  search.temperature, search.seed)
+    return [config_from_bits(b, r) for b, r in zip(bits, ranks)]
+
+
 def random_configs(n_layers: int, bits: Sequence[int], n: int, seed: int) -> list[list[int]]:
     """The ablation (`search.init: random`): n uniformly random bit vectors, seeded."""
     rng = random.Random(seed)

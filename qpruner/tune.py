@@ -395,15 +395,14 @@ def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None, object
     import ray
 
     from qpruner.importance import importance_task
-    from qpruner.memory import shapes_from_config, weight_bytes
-    from qpruner.search import config_from_bits, expand, initial_configs, initial_ranks, layer_groups, random_configs, search_units
+    from qpruner.search import config_from_bits, importance_configs, random_configs, search_units
 
     if plan.cfg.search.sampler == "model":
         from qpruner.predict import first_points
 
         table = sensitivity_units(plan)
         return first_points(table, plan.cfg.search.n_init, plan.cfg.search.anchors), None, table
-    cfg, n_layers = plan.cfg, plan.n_layers
+    cfg = plan.cfg
     search, units = cfg.search, search_units(plan.cfg, plan.n_layers)
     if search.init == "random":
         bits = random_configs(units, cfg.quant.bits, search.n_init, search.seed)
@@ -411,17 +410,7 @@ def first_configs(plan: RunPlan) -> tuple[list[dict], list[float] | None, object
         return [config_from_bits(b, r) for b, r in zip(bits, ranks)], None, None
     task = ray.remote(importance_task).options(num_cpus=plan.resources["cpu"], num_gpus=whole_gpu(plan.resources["gpu"]))
     importance = ray_get(task.remote(plan), what="the layer importance")
-    unit_importance = [float(sum(importance[i] for i in g) / len(g)) for g in layer_groups(n_layers, units)]
-    shapes = shapes_from_config(plan.pruned_config)
-    bits = initial_configs(unit_importance, cfg.quant.bits, search.n_init, search.temperature, search.seed,
-                           anchors=search.anchors,  # pruned layers differ in size: memory from their shapes
-                           weight_fn=lambda b: weight_bytes(shapes, expand(b, n_layers), cfg.quant)["total"])
-    ranks = [None] * len(bits)
-    if search.ranks:
-        n_anchors = 2 if search.anchors and len(set(cfg.quant.bits)) > 1 else 0
-        ranks = ranks[:n_anchors] + initial_ranks(unit_importance, search.ranks, len(bits) - n_anchors,
-                                                  search.temperature, search.seed)
-    return [config_from_bits(b, r) for b, r in zip(bits, ranks)], importance, None
+    return importance_configs(cfg, plan.pruned_config, importance), importance, None
 
 
 def sensitivity_units(plan: RunPlan):
