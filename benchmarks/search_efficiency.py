@@ -111,22 +111,26 @@ def replay(config: dict, table: dict) -> None:
 
 
 def sensitivity_units(raw: dict) -> tuple[object, dict]:
-    """The tiny pruned model's sensitivity table per layer (qpruner.predict, measured now unless cached) and
-    its cost beside one real trial's, measured in the same process: {"table_s", "trial_s", "cached"}."""
+    """The tiny pruned model's sensitivity table per layer (qpruner.predict) and its cost beside one real trial's,
+    both measured now in this process, in that order, as a model-sampler run starts: in a fresh cache (the
+    built-in tiny model linked in), so neither reads a cached table or LoftQ factors the other did not make.
+    {"table_s", "trial_s", "tokens"}."""
+    import tempfile
+
     from qpruner.plan import resolved_config
     from qpruner.predict import UnitTable, sensitivity_table
     from qpruner.prune import load_pruned, prune_cached, pruned_layer_count
     from qpruner.trial import run_trial
 
-    cfg = resolved_config(raw)
-    pruned = prune_cached(cfg, progress=False)
-    model, tokenizer = load_pruned(str(pruned.path), dtype=cfg.quant.compute_dtype)
-    started = time.perf_counter()
-    sens = sensitivity_table(model, tokenizer, cfg, pruned.path.name)
-    cached = time.perf_counter() - started < 0.5 * sens.seconds
-    started = time.perf_counter()
-    run_trial(cfg, str(pruned.path), [min(cfg.quant.bits)] * pruned_layer_count(pruned.path))
-    cost = {"table_s": sens.seconds, "trial_s": time.perf_counter() - started, "cached": cached, "tokens": sens.tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "builtin").symlink_to(resolved_config(raw).output.cache / "builtin")
+        cfg = resolved_config({**raw, "output": {**raw.get("output", {}), "cache_dir": tmp}})
+        pruned = prune_cached(cfg, progress=False)
+        model, tokenizer = load_pruned(str(pruned.path), dtype=cfg.quant.compute_dtype)
+        sens = sensitivity_table(model, tokenizer, cfg, pruned.path.name)
+        started = time.perf_counter()
+        run_trial(cfg, str(pruned.path), [min(cfg.quant.bits)] * pruned_layer_count(pruned.path))
+        cost = {"table_s": sens.seconds, "trial_s": time.perf_counter() - started, "tokens": sens.tokens}
     return UnitTable.from_table(sens, len(sens.kl), cfg.search.sensitivity), cost
 
 
