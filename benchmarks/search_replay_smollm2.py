@@ -5,7 +5,8 @@ SmolLM2-135M-Instruct pruned 20% with Taylor, its 30 decoder layers tied in 5 gr
 group at 4 or 8 bits, all 32 configurations fine-tuned (20 steps, a report every 5) and scored once, with every
 report's val_logprob (what ASHA sees) and each stage's seconds. Each arm here is a real Ray Tune + OptunaSearch
 (+ ASHA) search, built as qpruner builds its own (`search.layer_groups: 5`, make_searcher, param_space, ASHA from
-tune_configs/smollm2_prune20.yaml, first configurations from qpruner.tune.first_configs), whose trainable replays
+tune_configs/smollm2_prune20.yaml, first configurations as qpruner.tune.first_configs makes them from the
+importance or the sensitivity table), whose trainable replays
 the recorded trial: the reports at steps 5, 10, 15, 20, then the final result. Arms differ only in what they
 propose and when ASHA stops them.
 
