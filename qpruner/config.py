@@ -289,7 +289,8 @@ class AshaConfig:
 
 @dataclass
 class SearchConfig:
-    """Multi-objective Bayesian search over per-layer bit-widths (the quality objective up, memory down)."""
+    """Multi-objective Bayesian search over per-layer bit-widths: the quality objective (better: higher accuracy or
+    validation log-prob, lower perplexity) against memory (lower)."""
 
     num_samples: int = 8
     concurrency: int = 2

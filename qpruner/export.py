@@ -14,6 +14,7 @@ Writes a folder that loads with stock libraries (no qpruner import):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -61,7 +62,7 @@ def pick_trial(run: Path, trial: Optional[str] = None, pick: Optional[str] = Non
         candidates = [r for r in rows if r["memory_gb"] <= cap]
     else:
         raise QPrunerError("give --trial ID, --pick best-acc, --pick best (the run's search.objective) or --pick max-mem=GB")
-    candidates = [r for r in candidates if r.get(objective.name) is not None]
+    candidates = [r for r in candidates if r.get(objective.name) is not None and math.isfinite(r[objective.name])]
     if not candidates:
         raise QPrunerError(f"--pick {pick}: no completed trial qualifies in {run}")
     return max(candidates, key=lambda r: (float(objective.oriented(r[objective.name])), -r["memory_bytes"]))
@@ -183,7 +184,8 @@ def export_trial(cfg, pruned: Path, adapter: Path, row: dict, out: Path, merge: 
     shutil.copytree(adapter, out / "adapter", dirs_exist_ok=True)
     (out / "quantization.json").write_text(json.dumps(
         {"bits": bits, "ranks": ranks, "settings": settings(cfg.quant), "trial_id": row["trial_id"],
-         "accuracy": row["accuracy"], "memory_gb": row["memory_gb"]}, indent=1))
+         "accuracy": row["accuracy"], "perplexity": row.get("perplexity"), "val_logprob": row.get("val_logprob"),
+         "memory_gb": row["memory_gb"]}, indent=1))
     shutil.copy(Path(__file__).with_name("standalone.py"), out / "load_qpruner.py")
     if merge:
         merge_adapter(model.float(), tokenizer, bits, cfg, out)
@@ -244,11 +246,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         summary = export_gguf(run, row, Path(args.out), embeddings=args.embeddings or DEFAULT_EMBEDDINGS, q4=args.q4,
                               tokenizer_pre=args.tokenizer_pre)
-        print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}) as GGUF: {describe(summary)}")
+        print(f"exported trial {row['trial_id']} ({scores_text(row)}) as GGUF: {describe(summary)}")
         return 0
     out = export(run, row, Path(args.out), merge=args.merge)
-    print(f"exported trial {row['trial_id']} (accuracy {row['accuracy']:.4f}, {row['memory_gb']:.4f} GB) to {out}")
+    print(f"exported trial {row['trial_id']} ({scores_text(row)}, {row['memory_gb']:.4f} GB) to {out}")
     return 0
+
+
+def scores_text(row: dict) -> str:
+    """'accuracy 0.4231, perplexity 196.7': the quality figures a results row has."""
+    shown = [(k, row.get(k)) for k in ("accuracy", "perplexity", "val_logprob")]
+    return ", ".join(f"{k} {v:.4f}" if k != "perplexity" else f"{k} {v:.4g}" for k, v in shown if v is not None) or "no score"
 
 
 if __name__ == "__main__":

@@ -578,6 +578,8 @@ class ModelSampler(_optuna_sampler_base()):
     for the others, so it works with the fixed search space Ray Tune hands Optuna.
     """
 
+    objective = "accuracy"  # a sampler pickled by a version before search.objective restores with this
+
     def __init__(self, units: UnitTable, seed: int = 0, max_memory_gb: Optional[float] = None, objective: str = "accuracy"):
         from optuna.samplers import RandomSampler
 
@@ -921,8 +923,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         result = run_trial(cfg, pruned_path, layer_bits, ranks=layer_ranks, progress=True, tasks=tasks)
         measured = result.get(objective)
-        print(f"measured: {objective} {'-' if measured is None else f'{measured:.4g}'}, accuracy {result['accuracy']:.3f}, "
-              f"memory {result['memory_gb']:.4g} GB")
+        accuracy = result.get("accuracy")
+        print(f"measured: {objective} {'-' if measured is None else f'{measured:.4g}'}, accuracy "
+              f"{'-' if accuracy is None else f'{accuracy:.3f}'}, memory {result['memory_gb']:.4g} GB")
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
     return 0
 

@@ -101,8 +101,9 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     objective = objective_of(results)
     hv = curve[-1][2] if curve else 0.0
     lines = [f"# qpruner run: {name}", ""]
-    ended = len(done) + len(early) + len(failed) + len(oom)
-    lines += [f"- Trials: {len(rows)}: {len(done)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
+    finished = [r for r in rows if r["status"] == "completed"]  # `done` less those without a value of the objective
+    ended = len(finished) + len(early) + len(failed) + len(oom)
+    lines += [f"- Trials: {len(rows)}: {len(finished)} completed, {len(early)} stopped early by ASHA, {len(failed)} failed"
               + (f", {len(oom)} out of memory" if oom else "")
               + (f", {len(rows) - ended} other (pending/running)" if len(rows) > ended else "") + "."]
     lines += source_lines(source)
@@ -114,7 +115,7 @@ def markdown(name: str, results: pa.Table, front: pa.Table, curve: list, config:
     lines += [f"- Pareto front: {front.num_rows} configurations; hypervolume {hv / GB:.4g} {objective.name} x GB "
               f"({normalized(hv, ref, objective):.3f} of the reference box), reference point: {objective.name} {ref[0]:g}, "
               f"memory {ref[1] / GB:.4f} GB (1.1 x the largest trial memory; the box only grows).",
-              f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![accuracy vs memory](pareto.png)", ""]
+              f"- Memory objective: {memory_sources(rows)}; weights stored {storage_of(rows)}.", "", "![quality objective vs memory](pareto.png)", ""]
     if model_quality is not None:
         seconds = [r["wall_seconds"] for r in done if r.get("wall_seconds")]
         lines += ["## Performance model", ""] + quality_lines(model_quality, sum(seconds) / len(seconds) if seconds else None) + [""]

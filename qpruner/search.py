@@ -250,15 +250,26 @@ class RecordedOptunaSearch(_optuna_search_class()):
         """Keep each progress report's validation log-prob on the Optuna trial (CURVE_ATTR): Optuna takes no
         intermediate values in a multi-objective study, and the model sampler enters ASHA-stopped trials at
         their fidelity from it (qpruner.predict.at_fidelity)."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and result.get("val_logprob") is not None and not result.get("final"):
-            curve = list(ot_trial.user_attrs.get(CURVE_ATTR, [])) + [[int(result.get("step") or 0), float(result["val_logprob"])]]
-            ot_trial.set_user_attr(CURVE_ATTR, curve)
+        self._keep_progress(trial_id, result)
         super().on_trial_result(trial_id, result)
+
+    def _keep_progress(self, trial_id: str, result: Optional[dict]) -> None:
+        """Append a progress report's (step, val_logprob) to the trial's CURVE_ATTR. Not for a trial Optuna was told
+        of already (a killed trial retried by a resumed run keeps its id): a finished Optuna trial takes no update."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if (ot_trial is None or trial_id in self._completed_trials or not result or result.get("final")
+                or result.get("val_logprob") is None):
+            return
+        step = int(result.get("step") or result.get("steps") or 0)  # a row answered from the record has `steps`
+        curve = list(ot_trial.user_attrs.get(CURVE_ATTR, []))
+        if not curve or curve[-1][0] != step:
+            ot_trial.set_user_attr(CURVE_ATTR, curve + [[step, float(result["val_logprob"])]])
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
         if trial_id in self._completed_trials:  # a killed trial retried by a resumed run: Optuna was told already
             return super().on_trial_complete(trial_id, result=result, error=error)
+        if not error:  # the report at which ASHA stopped the trial reaches the searcher only here
+            self._keep_progress(trial_id, result)
         oom = self._oom(trial_id) if error else None
         if oom is not None and trial_id in self._ot_trials:
             ot_trial = self._ot_trials[trial_id]

@@ -461,3 +461,15 @@ def test_a_rebuilt_results_file_keeps_the_run_objective(tmp_path):
     assert recorded_objective(tmp_path) is None  # no run.json: accuracy
     (tmp_path / "run.json").write_text(json.dumps({"config": {"search": {"objective": "perplexity"}}}))
     assert recorded_objective(tmp_path) == "perplexity"
+
+
+def test_export_picks_on_the_run_objective_and_skips_non_finite_rows(tmp_path):
+    """--pick best: lowest perplexity on a perplexity run (a NaN row is no candidate); best-acc: highest accuracy;
+    max-mem=GB: lowest perplexity under the cap."""
+    from qpruner.export import pick_trial
+
+    recs = perplexity_records() + [record(9, "completed", [4, 4], 0.99, 50, perplexity=float("nan"))]
+    write_results(recs, tmp_path, plot=False, objective="perplexity")
+    assert pick_trial(tmp_path, pick="best")["trial_id"] == "t2"
+    assert pick_trial(tmp_path, pick="best-acc")["trial_id"] == "t9"  # accuracy is still measured and pickable
+    assert pick_trial(tmp_path, pick=f"max-mem={150 / 1024**3}")["trial_id"] == "t1"

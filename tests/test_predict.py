@@ -336,16 +336,30 @@ def test_the_searcher_keeps_progress_and_the_model_sampler_learns_from_stopped_t
         assert searcher.set_search_properties(None, None, param_space(2, [4, 8]))
         for name in ("a", "b", "c"):
             assert searcher.suggest(name)
-        for name, start in (("a", -3.0), ("b", -2.0), ("c", -4.0)):
+        for name, start in (("a", -3.0), ("b", -2.0)):  # a and b pass ASHA's rung at step 10 and run on
             searcher.on_trial_result(name, {"step": 10, "val_logprob": start, "accuracy": None, "memory_gb": 0.1, "final": False})
         final = {"a": -2.5, "b": -1.0}  # gains 0.5 and 1.0 from step 10
         for name, value in final.items():
             searcher.on_trial_complete(name, {"val_logprob": value, "accuracy": 0.5, "memory_gb": 0.1, "final": True})
-        searcher.on_trial_complete("c", {"val_logprob": -4.0, "accuracy": None, "memory_gb": 0.1, "final": False})  # ASHA
+        # c is stopped at the rung: as in Tune, the report ASHA stops it at reaches the searcher only here
+        searcher.on_trial_complete("c", {"step": 10, "val_logprob": -4.0, "accuracy": None, "memory_gb": 0.1, "final": False})
         study = searcher.searcher._ot_study
-        assert all(t.user_attrs[CURVE_ATTR][0] == [10, t.user_attrs[CURVE_ATTR][0][1]] for t in study.trials)
+        assert sorted(t.user_attrs[CURVE_ATTR][0][1] for t in study.trials) == [-4.0, -3.0, -2.0]
+        # a killed trial retried by a resumed run keeps its id: its reports must not touch the finished Optuna trial
+        searcher.on_trial_result("c", {"step": 10, "val_logprob": -3.9, "accuracy": None, "memory_gb": 0.1, "final": False})
         idx, y = sampler.training_data(study.get_trials(deepcopy=False))
         if expect_stopped:
             assert y == pytest.approx([-2.5, -1.0, -4.0 + 0.75]) and idx[2] == units.index({"b0": 4, "b1": 8})
         else:
             assert y == pytest.approx([0.5, 0.5])
+
+
+def test_a_model_sampler_pickled_before_search_objective_restores_as_accuracy():
+    """A run resumed from a searcher pickled by an earlier version: its ModelSampler has no `objective` attribute."""
+    import pickle
+
+    units, _ = synthetic_units(2)
+    sampler = ModelSampler(units, seed=0)
+    del sampler.__dict__["objective"]
+    restored = pickle.loads(pickle.dumps(sampler))
+    assert restored.objective == "accuracy" and restored.training_data([]) == ([], [])
