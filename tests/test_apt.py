@@ -18,8 +18,9 @@ from qpruner.model import load_model
 from qpruner.plan import resolved_config
 from qpruner.prune import load_pruned, prune_cached
 from qpruner.prune.apt import apt_prune, set_update
+from qpruner.prune.masks import Sparsity
 from qpruner.prune.slimgpt import DAMP
-from qpruner.prune.sparse import Sparsity, magnitude_prune, sparsegpt_prune, wanda_prune
+from qpruner.prune.sparse import magnitude_prune, sparsegpt_prune, wanda_prune
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"apt": apt_prune, "sparsegpt": sparsegpt_prune, "wanda": wanda_prune, "magnitude": magnitude_prune}

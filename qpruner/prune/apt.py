@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from qpruner.prune.masks import BLOCK, Sparsity, block_mask
 from qpruner.prune.slimgpt import inverse_hessian
-from qpruner.prune.sparse import BLOCK, Sparsity, block_mask
 
 
 def set_update(w_block: torch.Tensor, hinv_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

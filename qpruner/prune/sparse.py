@@ -20,7 +20,6 @@ Baselines (APT itself is in qpruner/prune/apt.py):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,57 +27,14 @@ from tqdm.auto import tqdm
 
 from qpruner.config import PruneConfig
 from qpruner.errors import ConfigError
+from qpruner.prune.apt import apt_prune
+from qpruner.prune.masks import BLOCK, Sparsity, block_mask, nm_mask, split_count
 from qpruner.prune.slimgpt import capture_layer_inputs, input_gram, inverse_hessian, run_layer
 from qpruner.prune.taylor import prunable_layers
 
-BLOCK = 128  # columns per mask-selection / update block (SparseGPT's and APT's block along the input dimension)
 # Linears pruned together on one input, in forward order: (submodule, names).
 LINEAR_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
                  ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """What to zero: `fraction` of the weights; with m > 0, exactly m - n of every m consecutive inputs."""
-
-    fraction: float
-    n: int = 0
-    m: int = 0
-
-    @classmethod
-    def of(cls, pcfg: PruneConfig) -> "Sparsity":
-        return cls(*pcfg.sparsity_spec())
-
-
-def split_count(total: int, parts: int, start: int, stop: int) -> int:
-    """How many of `total` fall into parts [start, stop) when spread evenly; the counts add up to `total` exactly."""
-    return round(total * stop / parts) - round(total * start / parts)
-
-
-def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k smallest scores (over the whole tensor)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
-    return mask.view_as(scores)
-
-
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Mask of the m - n smallest scores in each group of m consecutive columns (width divisible by m)."""
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
-
-
-def block_mask(scores: torch.Tensor, spec: Sparsity, start: int, width: int) -> torch.Tensor:
-    """Mask for the block of columns starting at `start` of a `width`-column Linear: N:M within it, or its
-    exact share of the Linear's unstructured target (compared across all rows of the block)."""
-    if spec.m:
-        return nm_mask(scores, spec.n, spec.m)
-    rows, cols = scores.shape
-    total = round(spec.fraction * rows * width)
-    return lowest(scores, split_count(total, width, start, start + cols))
 
 
 def magnitude_prune(weight: torch.Tensor, gram, spec: Sparsity) -> torch.Tensor:
@@ -148,8 +104,6 @@ def check_nm(model: nn.Module, spec: Sparsity) -> None:
 
 def method_fn(method: str):
     """The per-Linear function of a sparse method: (weight, input gram or None, Sparsity) -> pruned weight."""
-    from qpruner.prune.apt import apt_prune
-
     return {"apt": apt_prune, "magnitude": magnitude_prune, "wanda": wanda_prune, "sparsegpt": sparsegpt_prune}[method]
 
 
