@@ -812,7 +812,7 @@ def in_units(objective: str, row: dict) -> dict:
     mean, std = row["predicted"], row["predicted_std"]
     if std is None:
         return {"predicted": mean, "predicted_std": None, "predicted_low": None, "predicted_high": None}
-    ends = sorted(float(v) for v in from_target(objective, [mean - (std or 0.0), mean + (std or 0.0)]))
+    ends = sorted(float(v) for v in from_target(objective, [mean - std, mean + std]))
     return {"predicted": float(from_target(objective, mean)), "predicted_std": std,
             "predicted_low": ends[0], "predicted_high": ends[1]}
 

@@ -493,16 +493,17 @@ def finish(out: Path, cfg: Config) -> None:
     stays too when the front is on another objective (perplexity, val_logprob), so `export --pick best-acc` works."""
     import pyarrow.parquet as pq
 
-    from qpruner.config import QUALITY
-    from qpruner.pareto import completed, print_front
+    from qpruner.export import pick_trial
+    from qpruner.pareto import print_front
     from qpruner.report import write_report
 
     front = pq.read_table(out / "pareto.parquet")
     if cfg.output.keep_adapters == "pareto" and (out / ADAPTERS).is_dir():
         keep = set(front.column("trial_id").to_pylist())
-        accurate = QUALITY["accuracy"].best([r for r in completed(pq.read_table(out / "results.parquet")).to_pylist()
-                                             if r.get("accuracy") is not None and r["accuracy"] == r["accuracy"]])
-        keep |= {accurate["trial_id"]} if accurate else set()
+        try:  # the trial `export --pick best-acc` exports, chosen by the same rule (ties: the smaller memory)
+            keep.add(pick_trial(out, pick="best-acc")["trial_id"])
+        except QPrunerError:  # no completed trial has an accuracy
+            pass
         for adapter in (out / ADAPTERS).iterdir():
             if adapter.name not in keep:
                 shutil.rmtree(adapter, ignore_errors=True)

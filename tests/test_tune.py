@@ -249,3 +249,22 @@ def test_a_run_of_an_earlier_version_continues_when_only_new_fields_are_missing(
     tiny_config.search.objective = "perplexity"
     with pytest.raises(QPrunerError, match="search.objective"):
         check_out_dir(tmp_path, tiny_config, resume=True, overwrite=False)
+
+
+def test_finish_keeps_the_adapter_that_export_pick_best_acc_exports(tmp_path, tiny_config):
+    """A perplexity run keeps the front's adapters and the most accurate trial's; on an accuracy tie that is the
+    one `export --pick best-acc` chooses (the smaller memory), not merely the first."""
+    from qpruner.export import pick_trial
+    from qpruner.pareto import write_results
+    from qpruner.tune import finish
+
+    from tests.test_pareto import perplexity_records, record
+
+    recs = perplexity_records() + [record(5, "completed", [8, 4], 0.95, 205, perplexity=50.0)]  # ties t3 on accuracy
+    write_results(recs, tmp_path, plot=False, objective="perplexity")
+    for r in recs:
+        (tmp_path / "adapters" / r["trial_id"]).mkdir(parents=True)
+    finish(tmp_path, tiny_config)
+    kept = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert pick_trial(tmp_path, pick="best-acc")["trial_id"] == "t5"
+    assert kept == ["t1", "t2", "t5"]  # the perplexity front, and the accuracy pick
