@@ -257,7 +257,6 @@ def test_finish_keeps_the_adapter_that_export_pick_best_acc_exports(tmp_path, ti
     from qpruner.export import pick_trial
     from qpruner.pareto import write_results
     from qpruner.tune import finish
-
     from tests.test_pareto import perplexity_records, record
 
     recs = perplexity_records() + [record(5, "completed", [8, 4], 0.95, 205, perplexity=50.0)]  # ties t3 on accuracy
