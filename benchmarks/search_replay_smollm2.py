@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -382,7 +383,7 @@ def plot(per_objective: dict, path: Path, title: str) -> None:
         ax.set_xlabel("trial compute (minutes, modelled, mean over seeds)")
     axes[0][0].set_ylabel("hypervolume / hypervolume of the whole table")
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, 95 * len(per_objective)) for line in title.split("\n")), fontsize=9)  # one panel is narrow
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
